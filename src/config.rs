@@ -1,0 +1,569 @@
+//! [`MeshConfig`]: typed settings with documented defaults, plus [`MeshConfig::from_env`] for
+//! containers. Every value is checked by [`MeshConfig::validate`] before anything starts.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
+
+use crate::{
+    error::ConfigError,
+    seed::{SeedSource, StaticSeeds},
+    tls::TlsConfig,
+};
+
+/// The default port of the peer transport (one UDP port for QUIC, one TCP port for WebSocket).
+pub const DEFAULT_PORT: u16 = 7800;
+
+/// The peer transport. Both carry the same protocol with the same guarantees and both use
+/// mutual TLS; gossip rides the same connections, so a node opens exactly one port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TransportKind {
+    /// QUIC over UDP (quinn): one stream per request, many in flight without head-of-line
+    /// blocking. The default.
+    #[default]
+    Quic,
+}
+
+impl TransportKind {
+    /// The name used in configuration and in the handshake: `quic`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Quic => "quic",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "quic" => Ok(Self::Quic),
+            other => Err(format!("unknown transport {other:?}, expected \"quic\"")),
+        }
+    }
+}
+
+/// The configuration of a [`Mesh`](crate::Mesh) node.
+///
+/// Build it with [`MeshConfig::new`] and the `with_*` setters (each documents its default), or
+/// from environment variables with [`MeshConfig::from_env`].
+///
+/// ```
+/// use std::time::Duration;
+/// use socketioxide_mesh::{DevCa, MeshConfig, StaticSeeds};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let tls = DevCa::generate("demo")?.node_tls("node-a")?;
+/// let config = MeshConfig::new(tls)
+///     .with_cluster_id("chat")
+///     .with_listen_addr("127.0.0.1:7800".parse()?)
+///     .with_seeds(StaticSeeds::new(["127.0.0.1:7801", "127.0.0.1:7802"]))
+///     .with_request_timeout(Duration::from_secs(2));
+/// config.validate()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct MeshConfig {
+    pub(crate) cluster_id: String,
+    pub(crate) transport: TransportKind,
+    pub(crate) listen_addr: SocketAddr,
+    pub(crate) advertise_addr: Option<SocketAddr>,
+    pub(crate) tls: TlsConfig,
+    pub(crate) seeds: Vec<Arc<dyn SeedSource>>,
+    pub(crate) seed_interval: Duration,
+    pub(crate) gossip_interval: Duration,
+    pub(crate) phi_threshold: f64,
+    pub(crate) dead_node_grace_period: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) max_frame_size: usize,
+    pub(crate) peer_queue_len: usize,
+    pub(crate) peer_queue_bytes: usize,
+    pub(crate) max_concurrent_streams: u32,
+    pub(crate) max_in_flight_requests: usize,
+    pub(crate) keep_alive_interval: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) reconnect_min: Duration,
+    pub(crate) reconnect_max: Duration,
+}
+
+impl fmt::Debug for MeshConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshConfig")
+            .field("cluster_id", &self.cluster_id)
+            .field("transport", &self.transport)
+            .field("listen_addr", &self.listen_addr)
+            .field("advertise_addr", &self.advertise_addr)
+            .field("seeds", &self.seeds.iter().map(|s| s.name()).collect::<Vec<_>>())
+            .field("gossip_interval", &self.gossip_interval)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_frame_size", &self.max_frame_size)
+            .field("peer_queue_len", &self.peer_queue_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeshConfig {
+    /// A configuration with every default and the given TLS material (mandatory: there is no
+    /// plaintext mode).
+    pub fn new(tls: TlsConfig) -> Self {
+        Self {
+            cluster_id: "socketioxide-mesh".into(),
+            transport: TransportKind::Quic,
+            listen_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT),
+            advertise_addr: None,
+            tls,
+            seeds: Vec::new(),
+            seed_interval: Duration::from_secs(5),
+            gossip_interval: Duration::from_millis(100),
+            phi_threshold: 8.0,
+            dead_node_grace_period: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(5),
+            max_frame_size: 16 * 1024 * 1024,
+            peer_queue_len: 8192,
+            peer_queue_bytes: 64 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+            max_in_flight_requests: 4096,
+            keep_alive_interval: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+        }
+    }
+
+    /// A profile for tests and local demos: listens on `127.0.0.1` with an OS-chosen port and
+    /// gossips every 50 ms, so a cluster forms and notices deaths in a fraction of a second.
+    pub fn local(tls: TlsConfig) -> Self {
+        Self::new(tls)
+            .with_listen_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
+            .with_gossip_interval(Duration::from_millis(50))
+            .with_seed_interval(Duration::from_millis(500))
+            .with_reconnect_backoff(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// Build a configuration from environment variables, for containers.
+    ///
+    /// | variable | meaning | default |
+    /// |---|---|---|
+    /// | `MESH_TLS_DIR` | folder with `ca.pem`, `node.pem`, `node.key` | — |
+    /// | `MESH_TLS_CA`, `MESH_TLS_CERT`, `MESH_TLS_KEY` | PEM files (instead of `MESH_TLS_DIR`) | — |
+    /// | `MESH_TLS_SERVER_NAME` | DNS name in every node certificate | `socketioxide-mesh.internal` |
+    /// | `MESH_CLUSTER_ID` | cluster id | `socketioxide-mesh` |
+    /// | `MESH_TRANSPORT` | `quic` | `quic` |
+    /// | `MESH_LISTEN_ADDR` | listen address | `0.0.0.0:7800` |
+    /// | `MESH_ADVERTISE_ADDR` | address peers dial | `$POD_IP:<listen port>` if `POD_IP` is set |
+    /// | `MESH_SEEDS` | comma-separated `host:port` (names re-resolved, e.g. a headless Service) | none |
+    /// | `MESH_SEED_INTERVAL_MS` | how often seed sources are asked | 5000 |
+    /// | `MESH_GOSSIP_INTERVAL_MS` | gossip period | 100 |
+    /// | `MESH_PHI_THRESHOLD` | failure detector threshold | 8 |
+    /// | `MESH_REQUEST_TIMEOUT_MS` | bound on every request | 5000 |
+    /// | `MESH_MAX_FRAME_SIZE` | bytes | 16777216 |
+    /// | `MESH_PEER_QUEUE_LEN` | queued commands per peer | 8192 |
+    /// | `MESH_PEER_QUEUE_BYTES` | queued bytes per peer | 67108864 |
+    /// | `MESH_MAX_IN_FLIGHT` | concurrent outgoing requests | 4096 |
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// [`from_env`](Self::from_env) with a custom lookup function (handy for tests and for
+    /// reading a config map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let tls = match (get("MESH_TLS_DIR"), get("MESH_TLS_CA"), get("MESH_TLS_CERT"), get("MESH_TLS_KEY")) {
+            (Some(dir), None, None, None) => TlsConfig::from_dir(dir)?,
+            (None, Some(ca), Some(cert), Some(key)) => TlsConfig::from_pem_files(ca, cert, key)?,
+            _ => {
+                return Err(ConfigError::Value {
+                    name: "tls",
+                    reason: "set MESH_TLS_DIR, or all of MESH_TLS_CA, MESH_TLS_CERT and MESH_TLS_KEY"
+                        .into(),
+                });
+            }
+        };
+        let tls = match get("MESH_TLS_SERVER_NAME") {
+            Some(name) => tls.with_server_name(name),
+            None => tls,
+        };
+        let mut cfg = Self::new(tls);
+        fn parse<T: FromStr>(var: &'static str, value: String) -> Result<T, ConfigError>
+        where
+            T::Err: fmt::Display,
+        {
+            value.trim().parse::<T>().map_err(|e| ConfigError::Env {
+                var,
+                reason: e.to_string(),
+                value,
+            })
+        }
+        let ms = |var: &'static str| -> Result<Option<Duration>, ConfigError> {
+            get(var)
+                .map(|v| parse::<u64>(var, v).map(Duration::from_millis))
+                .transpose()
+        };
+        if let Some(v) = get("MESH_CLUSTER_ID") {
+            cfg.cluster_id = v;
+        }
+        if let Some(v) = get("MESH_TRANSPORT") {
+            cfg.transport = parse("MESH_TRANSPORT", v)?;
+        }
+        if let Some(v) = get("MESH_LISTEN_ADDR") {
+            cfg.listen_addr = parse("MESH_LISTEN_ADDR", v)?;
+        }
+        match (get("MESH_ADVERTISE_ADDR"), get("POD_IP")) {
+            (Some(v), _) => cfg.advertise_addr = Some(parse("MESH_ADVERTISE_ADDR", v)?),
+            (None, Some(ip)) => {
+                let ip: IpAddr = parse("POD_IP", ip)?;
+                cfg.advertise_addr = Some(SocketAddr::new(ip, cfg.listen_addr.port()));
+            }
+            (None, None) => {}
+        }
+        if let Some(v) = get("MESH_SEEDS") {
+            let seeds: Vec<String> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+            for s in &seeds {
+                crate::seed::parse_host_port(s).map_err(|reason| ConfigError::Env {
+                    var: "MESH_SEEDS",
+                    value: v.clone(),
+                    reason,
+                })?;
+            }
+            if !seeds.is_empty() {
+                cfg.seeds.push(Arc::new(StaticSeeds::new(seeds)));
+            }
+        }
+        if let Some(d) = ms("MESH_SEED_INTERVAL_MS")? {
+            cfg.seed_interval = d;
+        }
+        if let Some(d) = ms("MESH_GOSSIP_INTERVAL_MS")? {
+            cfg.gossip_interval = d;
+        }
+        if let Some(v) = get("MESH_PHI_THRESHOLD") {
+            cfg.phi_threshold = parse("MESH_PHI_THRESHOLD", v)?;
+        }
+        if let Some(d) = ms("MESH_REQUEST_TIMEOUT_MS")? {
+            cfg.request_timeout = d;
+        }
+        if let Some(v) = get("MESH_MAX_FRAME_SIZE") {
+            cfg.max_frame_size = parse("MESH_MAX_FRAME_SIZE", v)?;
+        }
+        if let Some(v) = get("MESH_PEER_QUEUE_LEN") {
+            cfg.peer_queue_len = parse("MESH_PEER_QUEUE_LEN", v)?;
+        }
+        if let Some(v) = get("MESH_PEER_QUEUE_BYTES") {
+            cfg.peer_queue_bytes = parse("MESH_PEER_QUEUE_BYTES", v)?;
+        }
+        if let Some(v) = get("MESH_MAX_IN_FLIGHT") {
+            cfg.max_in_flight_requests = parse("MESH_MAX_IN_FLIGHT", v)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Nodes only talk to nodes of the same cluster id (checked in the handshake and in
+    /// gossip). 1-64 characters from `[A-Za-z0-9._-]`. Default: `socketioxide-mesh`.
+    pub fn with_cluster_id(mut self, id: impl Into<String>) -> Self {
+        self.cluster_id = id.into();
+        self
+    }
+
+    /// The peer transport. Default: [`TransportKind::Quic`].
+    pub fn with_transport(mut self, kind: TransportKind) -> Self {
+        self.transport = kind;
+        self
+    }
+
+    /// The address the peer transport binds (UDP for QUIC). Port 0 picks a free port.
+    /// Default: `0.0.0.0:7800`.
+    pub fn with_listen_addr(mut self, addr: SocketAddr) -> Self {
+        self.listen_addr = addr;
+        self
+    }
+
+    /// The address other nodes dial to reach this one (the pod IP on Kubernetes). Default: the
+    /// bound listen address, which must then be a specific IP.
+    pub fn with_advertise_addr(mut self, addr: SocketAddr) -> Self {
+        self.advertise_addr = Some(addr);
+        self
+    }
+
+    /// Add a seed source. Sources are asked every [`with_seed_interval`](Self::with_seed_interval)
+    /// for addresses of possible members; gossip does the rest. Default: none (a node without
+    /// seeds waits for others to find it).
+    pub fn with_seeds(mut self, source: impl SeedSource) -> Self {
+        self.seeds.push(Arc::new(source));
+        self
+    }
+
+    /// Add a shared seed source (see [`with_seeds`](Self::with_seeds)).
+    pub fn with_seed_source(mut self, source: Arc<dyn SeedSource>) -> Self {
+        self.seeds.push(source);
+        self
+    }
+
+    /// How often seed sources are asked for addresses. Default: 5 s.
+    pub fn with_seed_interval(mut self, interval: Duration) -> Self {
+        self.seed_interval = interval;
+        self
+    }
+
+    /// The gossip period. The failure detector's expectations follow it: a killed peer is
+    /// declared dead after roughly 5-10 periods. Default: 100 ms.
+    pub fn with_gossip_interval(mut self, interval: Duration) -> Self {
+        self.gossip_interval = interval;
+        self
+    }
+
+    /// The phi-accrual failure detector threshold: higher is slower to declare death and less
+    /// prone to false positives. Default: 8.
+    pub fn with_phi_threshold(mut self, phi: f64) -> Self {
+        self.phi_threshold = phi;
+        self
+    }
+
+    /// How long a dead node's state is remembered before being forgotten. Default: 5 min.
+    pub fn with_dead_node_grace_period(mut self, period: Duration) -> Self {
+        self.dead_node_grace_period = period;
+        self
+    }
+
+    /// The bound on every request to peers (fetch_sockets, rooms, acks on top of the ack
+    /// timeout). A request normally ends much sooner: when every live peer has answered or died.
+    /// Default: 5 s.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The largest frame accepted from or sent to a peer; a larger one closes the connection
+    /// with a logged error. Default: 16 MiB.
+    pub fn with_max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame_size = bytes;
+        self
+    }
+
+    /// The bound of each peer's outgoing command queue, in commands and in bytes. A peer that
+    /// lets its queue fill is cut off (and reconnects); volatile broadcasts are dropped first.
+    /// Default: 8192 commands, 64 MiB.
+    pub fn with_peer_queue(mut self, len: usize, bytes: usize) -> Self {
+        self.peer_queue_len = len;
+        self.peer_queue_bytes = bytes;
+        self
+    }
+
+    /// How many request streams may be open at once on one peer connection, in each direction.
+    /// Default: 1024.
+    pub fn with_max_concurrent_streams(mut self, n: u32) -> Self {
+        self.max_concurrent_streams = n;
+        self
+    }
+
+    /// How many requests this node may have in flight at once; more wait for a slot (within
+    /// the request timeout). Default: 4096.
+    pub fn with_max_in_flight_requests(mut self, n: usize) -> Self {
+        self.max_in_flight_requests = n;
+        self
+    }
+
+    /// Transport keep-alive period and idle timeout. The idle timeout is a second line of
+    /// defence behind gossip's failure detector. Defaults: 500 ms and 5 s.
+    pub fn with_keep_alive(mut self, interval: Duration, idle_timeout: Duration) -> Self {
+        self.keep_alive_interval = interval;
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// The bound on establishing a connection (handshake included). Default: 3 s.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Reconnection backoff: doubles from `min` to `max`, with ±25% jitter.
+    /// Defaults: 100 ms and 5 s.
+    pub fn with_reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_min = min;
+        self.reconnect_max = max;
+        self
+    }
+
+    /// The cluster id.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// The transport kind.
+    pub fn transport(&self) -> TransportKind {
+        self.transport
+    }
+
+    /// Check every value. [`Mesh::start`](crate::Mesh::start) calls it too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let id_ok = !self.cluster_id.is_empty()
+            && self.cluster_id.len() <= 64
+            && self
+                .cluster_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return Err(ConfigError::ClusterId(self.cluster_id.clone()));
+        }
+        if self.listen_addr.ip().is_unspecified() && self.advertise_addr.is_none() {
+            return Err(ConfigError::AdvertiseAddrMissing(self.listen_addr));
+        }
+        if let Some(adv) = self.advertise_addr
+            && (adv.ip().is_unspecified() || adv.port() == 0)
+        {
+            return Err(ConfigError::AdvertiseAddrInvalid(adv));
+        }
+        let range = |name: &'static str, v: Duration, min: Duration, max: Duration| {
+            if v < min || v > max {
+                Err(ConfigError::Value {
+                    name,
+                    reason: format!("{v:?} is outside {min:?}..={max:?}"),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        range("gossip_interval", self.gossip_interval, ms(10), s(60))?;
+        range("seed_interval", self.seed_interval, ms(50), s(3600))?;
+        range("request_timeout", self.request_timeout, ms(10), s(3600))?;
+        range("dead_node_grace_period", self.dead_node_grace_period, s(1), s(7 * 86400))?;
+        range("keep_alive_interval", self.keep_alive_interval, ms(10), s(60))?;
+        range("idle_timeout", self.idle_timeout, ms(100), s(600))?;
+        range("connect_timeout", self.connect_timeout, ms(10), s(600))?;
+        range("reconnect_min", self.reconnect_min, ms(1), s(60))?;
+        range("reconnect_max", self.reconnect_max, self.reconnect_min, s(600))?;
+        if self.keep_alive_interval >= self.idle_timeout {
+            return Err(ConfigError::Value {
+                name: "keep_alive_interval",
+                reason: "must be shorter than the idle timeout".into(),
+            });
+        }
+        if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {
+            return Err(ConfigError::Value {
+                name: "phi_threshold",
+                reason: format!("{} is not a positive number", self.phi_threshold),
+            });
+        }
+        let count = |name: &'static str, v: usize, min: usize, max: usize| {
+            if v < min || v > max {
+                Err(ConfigError::Value {
+                    name,
+                    reason: format!("{v} is outside {min}..={max}"),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        count("max_frame_size", self.max_frame_size, 64 * 1024, 1 << 30)?;
+        count("peer_queue_len", self.peer_queue_len, 1, 1 << 24)?;
+        count("peer_queue_bytes", self.peer_queue_bytes, self.max_frame_size, 1 << 34)?;
+        count("max_in_flight_requests", self.max_in_flight_requests, 1, 1 << 20)?;
+        count(
+            "max_concurrent_streams",
+            self.max_concurrent_streams as usize,
+            8,
+            1 << 16,
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::DevCa;
+    use std::collections::HashMap;
+
+    fn tls() -> TlsConfig {
+        DevCa::generate("t").unwrap().node_tls("n").unwrap()
+    }
+
+    #[test]
+    fn defaults_need_an_advertised_address() {
+        let err = MeshConfig::new(tls()).validate().unwrap_err();
+        assert!(matches!(err, ConfigError::AdvertiseAddrMissing(_)), "{err}");
+        MeshConfig::new(tls())
+            .with_advertise_addr("10.0.0.1:7800".parse().unwrap())
+            .validate()
+            .unwrap();
+        MeshConfig::local(tls()).validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_name() {
+        let cases = [
+            (MeshConfig::local(tls()).with_cluster_id(""), "cluster id"),
+            (MeshConfig::local(tls()).with_cluster_id("a b"), "cluster id"),
+            (MeshConfig::local(tls()).with_gossip_interval(Duration::ZERO), "gossip_interval"),
+            (MeshConfig::local(tls()).with_max_frame_size(10), "max_frame_size"),
+            (MeshConfig::local(tls()).with_peer_queue(0, 1 << 26), "peer_queue_len"),
+            (MeshConfig::local(tls()).with_phi_threshold(f64::NAN), "phi_threshold"),
+            (
+                MeshConfig::local(tls()).with_keep_alive(Duration::from_secs(5), Duration::from_secs(1)),
+                "keep_alive_interval",
+            ),
+            (
+                MeshConfig::local(tls()).with_advertise_addr("0.0.0.0:1".parse().unwrap()),
+                "cannot be dialed",
+            ),
+        ];
+        for (cfg, needle) in cases {
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+    }
+
+    #[test]
+    fn from_env_reads_every_variable() {
+        let dir = std::env::temp_dir().join(format!("sio-mesh-cfg-{}", std::process::id()));
+        DevCa::generate("t").unwrap().write_dir(&dir, "n").unwrap();
+        let vars: HashMap<&str, String> = HashMap::from([
+            ("MESH_TLS_DIR", dir.display().to_string()),
+            ("MESH_CLUSTER_ID", "prod-chat".into()),
+            ("MESH_LISTEN_ADDR", "0.0.0.0:9000".into()),
+            ("POD_IP", "10.1.2.3".into()),
+            ("MESH_SEEDS", "mesh-headless.default.svc:9000, 10.1.2.4:9000".into()),
+            ("MESH_GOSSIP_INTERVAL_MS", "200".into()),
+            ("MESH_REQUEST_TIMEOUT_MS", "1500".into()),
+            ("MESH_PEER_QUEUE_LEN", "100".into()),
+        ]);
+        let cfg = MeshConfig::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        assert_eq!(cfg.cluster_id, "prod-chat");
+        assert_eq!(cfg.advertise_addr, Some("10.1.2.3:9000".parse().unwrap()));
+        assert_eq!(cfg.gossip_interval, Duration::from_millis(200));
+        assert_eq!(cfg.request_timeout, Duration::from_millis(1500));
+        assert_eq!(cfg.peer_queue_len, 100);
+        assert_eq!(cfg.seeds.len(), 1);
+
+        let mut bad = vars.clone();
+        bad.insert("MESH_GOSSIP_INTERVAL_MS", "fast".into());
+        let err = MeshConfig::from_lookup(|k| bad.get(k).cloned()).unwrap_err();
+        assert!(matches!(err, ConfigError::Env { var: "MESH_GOSSIP_INTERVAL_MS", .. }), "{err}");
+
+        let mut bad = vars.clone();
+        bad.insert("MESH_SEEDS", "no-port-here".into());
+        let err = MeshConfig::from_lookup(|k| bad.get(k).cloned()).unwrap_err();
+        assert!(matches!(err, ConfigError::Env { var: "MESH_SEEDS", .. }), "{err}");
+
+        let err = MeshConfig::from_lookup(|_| None).unwrap_err();
+        assert!(err.to_string().contains("MESH_TLS_DIR"), "{err}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

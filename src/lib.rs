@@ -1,0 +1,89 @@
+#![warn(missing_docs)]
+//! # socketioxide-mesh
+//!
+//! Scale [socketioxide](https://docs.rs/socketioxide) servers horizontally **without a
+//! broker**: the servers talk to each other directly over mutually-authenticated QUIC, and
+//! find each other by gossip.
+//!
+//! ```no_run
+//! use socketioxide::{SocketIo, extract::SocketRef};
+//! use socketioxide_mesh::{Mesh, MeshAdapter, MeshConfig, StaticSeeds, TlsConfig};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = MeshConfig::new(TlsConfig::from_dir("/etc/mesh-tls")?)
+//!     .with_advertise_addr("10.0.0.5:7800".parse()?)
+//!     .with_seeds(StaticSeeds::new(["mesh.default.svc.cluster.local:7800"]));
+//! let mesh = Mesh::start(config).await?;
+//! let (layer, io) = SocketIo::builder()
+//!     .with_adapter::<MeshAdapter<_>>(mesh.clone())
+//!     .build_layer();
+//! io.ns("/", |s: SocketRef<MeshAdapter<_>>| {
+//!     s.join("lobby");
+//! })
+//! .await?;
+//! // `io.to("lobby").emit(..)` now reaches the lobby's sockets on every node.
+//! # let _ = layer;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! ```text
+//! SocketIo ──► MeshAdapter<E> (one per namespace, adapter.rs)
+//!                   │ commands / requests
+//!                   ▼
+//!              Mesh (one per process, mesh/)
+//!   membership.rs  chitchat gossip + failure detector, carried on the peer connections
+//!   peers.rs       sans-IO peer table: who to dial, which connection, backoff
+//!   requests.rs    sans-IO request tracking: who we still wait for
+//!   wire.rs        the peer protocol (MessagePack, versioned, append-only tags)
+//!   seed/          where the first peers come from (pluggable SeedSource)
+//!   transport/     authenticated frames on multiplexed streams: quic, mem (tests)
+//!   tls.rs         mutual TLS material, dev CA
+//! ```
+//!
+//! # How a broadcast travels
+//!
+//! `io.to("room").emit(..)` on node A encodes the packet once, queues it on the command
+//! stream of every live peer serving the namespace (a bounded queue per peer; one ordered
+//! QUIC stream per peer), then emits to A's own sockets. Each peer applies A's commands in
+//! the order A issued them, so `join` followed by an emit to the room behaves on remote
+//! nodes as it does locally.
+//!
+//! # How a request travels
+//!
+//! `fetch_sockets`, `rooms` and broadcasts with acks open one QUIC stream per live peer
+//! serving the namespace, many in flight at once. A request ends when every peer answered
+//! **or died**: when gossip declares a peer dead (about a second on a LAN) its connection is
+//! closed and its streams fail at once, so a dead peer never costs the full timeout. A
+//! request also sees the effect of every command its node sent before it.
+//!
+//! # Security
+//!
+//! Every connection is mutual TLS 1.3: nodes present a certificate signed by the cluster CA
+//! and verify their peers'. Then a handshake checks the protocol magic and version and the
+//! cluster id. Gossip rides the same connections: the node opens one port, and nothing
+//! arrives on it unauthenticated.
+
+pub mod adapter;
+mod config;
+mod error;
+mod membership;
+mod mesh;
+mod peers;
+mod requests;
+pub mod seed;
+pub mod tls;
+mod transport;
+mod wire;
+
+pub use adapter::MeshAdapter;
+#[doc(no_inline)]
+pub use async_trait::async_trait;
+pub use config::{DEFAULT_PORT, MeshConfig, TransportKind};
+pub use error::{ConfigError, Error, PeerError, TlsError};
+pub use membership::Member;
+pub use mesh::{Mesh, MeshStats, ServerEvent};
+pub use seed::StaticSeeds;
+pub use tls::{DevCa, NodeCert, TlsConfig};
+pub use wire::PROTOCOL_VERSION;

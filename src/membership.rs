@@ -1,0 +1,256 @@
+//! Membership: chitchat (scuttlebutt gossip + phi-accrual failure detector) carried over the
+//! authenticated peer connections through a custom chitchat [`Transport`] — there is no
+//! plaintext gossip port.
+//!
+//! chitchat is pinned to `=0.11.0`: later versions no longer let a crate outside chitchat
+//! implement its `Transport` (the message encoding became private, quickwit-oss/chitchat#207).
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chitchat::{
+    Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, ChitchatMessage, FailureDetectorConfig, NodeState,
+    Serializable,
+    transport::{Socket, Transport},
+};
+use socketioxide_core::Uid;
+use tokio::sync::{Mutex as AsyncMutex, mpsc, watch};
+
+use crate::{Error, MeshConfig, wire::PROTOCOL_VERSION};
+
+/// Gossip state keys.
+pub(crate) mod keys {
+    pub const VERSION: &str = "v";
+    pub const TRANSPORT: &str = "transport";
+    pub const SERVER_ID: &str = "sio";
+    pub const NAMESPACE_PREFIX: &str = "ns:";
+    pub const SOCKETS: &str = "sockets";
+    pub const LEAVING: &str = "leaving";
+}
+
+/// Gossip messages waiting to be sent, bounded: like UDP, gossip is dropped under pressure.
+const GOSSIP_QUEUE: usize = 1024;
+
+/// Another node of the mesh, as gossip describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Member {
+    /// The node's mesh id.
+    pub node_id: Uid,
+    /// The address its peer transport listens on.
+    pub addr: SocketAddr,
+    /// The socketioxide server id of the `SocketIo` it serves, once it serves one.
+    pub server_id: Option<Uid>,
+    /// The namespaces it serves.
+    pub namespaces: Vec<String>,
+    /// Its number of connected sockets, refreshed every few seconds (for observability).
+    pub sockets: u64,
+}
+
+impl Member {
+    /// Whether the member serves namespace `ns`.
+    pub fn serves(&self, ns: &str) -> bool {
+        self.namespaces.iter().any(|n| n == ns)
+    }
+}
+
+/// The chitchat side of a node.
+pub(crate) struct Membership {
+    handle: ChitchatHandle,
+    chitchat: Arc<AsyncMutex<Chitchat>>,
+    self_id: ChitchatId,
+}
+
+/// The channels between chitchat and the peer connections.
+pub(crate) struct GossipPipes {
+    /// Messages chitchat wants sent: (advertised address, encoded message).
+    pub out_rx: mpsc::Receiver<(SocketAddr, Bytes)>,
+    /// Messages received from peers: (their advertised address, message).
+    pub in_tx: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
+}
+
+struct GossipTransport {
+    socket: Mutex<Option<GossipSocket>>,
+}
+
+struct GossipSocket {
+    out_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    in_rx: mpsc::Receiver<(SocketAddr, ChitchatMessage)>,
+}
+
+#[async_trait]
+impl Transport for GossipTransport {
+    async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let socket = self
+            .socket
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("gossip socket already opened"))?;
+        Ok(Box::new(socket))
+    }
+}
+
+#[async_trait]
+impl Socket for GossipSocket {
+    async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        let mut buf = Vec::with_capacity(msg.serialized_len());
+        msg.serialize(&mut buf);
+        if self.out_tx.try_send((to, Bytes::from(buf))).is_err() {
+            tracing::debug!(%to, "gossip queue full, message dropped");
+        }
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
+        self.in_rx
+            .recv()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("gossip inbox closed"))
+    }
+}
+
+impl Membership {
+    pub(crate) async fn start(
+        cfg: &MeshConfig,
+        node_id: Uid,
+        advertise_addr: SocketAddr,
+    ) -> Result<(Self, GossipPipes), Error> {
+        let (out_tx, out_rx) = mpsc::channel(GOSSIP_QUEUE);
+        let (in_tx, in_rx) = mpsc::channel(GOSSIP_QUEUE);
+        let transport = GossipTransport {
+            socket: Mutex::new(Some(GossipSocket { out_tx, in_rx })),
+        };
+        // The generation distinguishes restarts of a node id; ids are fresh per process, so
+        // the start time is enough.
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let self_id = ChitchatId::new(node_id.to_string(), generation, advertise_addr);
+        let config = ChitchatConfig {
+            chitchat_id: self_id.clone(),
+            cluster_id: cfg.cluster_id.clone(),
+            gossip_interval: cfg.gossip_interval,
+            listen_addr: advertise_addr,
+            // Seeds are dialed by the mesh (seed sources), then gossiped to explicitly.
+            seed_nodes: Vec::new(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: cfg.phi_threshold,
+                sampling_window_size: 1000,
+                max_interval: Duration::from_secs(10).max(cfg.gossip_interval * 10),
+                // Without this, a young cluster takes ~3x longer to notice a death.
+                initial_interval: cfg.gossip_interval,
+                dead_node_grace_period: cfg.dead_node_grace_period,
+            },
+            marked_for_deletion_grace_period: cfg.dead_node_grace_period,
+            catchup_callback: None,
+            extra_liveness_predicate: Some(Box::new(|state: &NodeState| {
+                state.get(keys::LEAVING).is_none()
+            })),
+        };
+        let initial = vec![
+            (keys::VERSION.to_string(), PROTOCOL_VERSION.to_string()),
+            (keys::TRANSPORT.to_string(), cfg.transport.as_str().to_string()),
+        ];
+        let handle = chitchat::spawn_chitchat(config, initial, &transport)
+            .await
+            .map_err(|e| Error::Membership(e.to_string()))?;
+        let chitchat = handle.chitchat();
+        Ok((
+            Self {
+                handle,
+                chitchat,
+                self_id,
+            },
+            GossipPipes { out_rx, in_tx },
+        ))
+    }
+
+    pub(crate) async fn live_watcher(&self) -> watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
+        self.chitchat.lock().await.live_nodes_watcher()
+    }
+
+    pub(crate) async fn set(&self, key: &str, value: &str) {
+        self.chitchat.lock().await.self_node_state().set(key, value);
+    }
+
+    pub(crate) async fn delete(&self, key: &str) {
+        let mut chitchat = self.chitchat.lock().await;
+        if chitchat.self_node_state().get(key).is_some() {
+            chitchat.self_node_state().delete(key);
+        }
+    }
+
+    /// Send a gossip round to `addr` now (a new connection, a seed).
+    pub(crate) fn gossip_to(&self, addr: SocketAddr) {
+        if let Err(e) = self.handle.gossip(addr) {
+            tracing::debug!(%addr, error = %e, "gossip server stopped");
+        }
+    }
+
+    /// Stop the gossip server and wait for it.
+    pub(crate) async fn shutdown(&self) {
+        if self.handle.initiate_shutdown().is_ok()
+            && let Err(e) = self.handle.termination_watcher().await
+        {
+            tracing::debug!(error = %e, "gossip server ended with an error");
+        }
+    }
+
+    pub(crate) fn self_id(&self) -> &ChitchatId {
+        &self.self_id
+    }
+}
+
+/// Parse the live map into members, skipping ourselves and nodes we cannot talk to.
+pub(crate) fn parse_members(
+    live: &BTreeMap<ChitchatId, NodeState>,
+    self_id: &ChitchatId,
+    transport: &str,
+) -> Vec<Member> {
+    let mut out = Vec::with_capacity(live.len());
+    for (id, state) in live {
+        if id.node_id == self_id.node_id {
+            continue;
+        }
+        let Ok(node_id) = Uid::from_str(&id.node_id) else {
+            tracing::warn!(node = %id.node_id, "gossip lists a node with a malformed id, ignored");
+            continue;
+        };
+        let version = state.get(keys::VERSION);
+        if version != Some(PROTOCOL_VERSION.to_string().as_str()) {
+            tracing::debug!(node = %node_id, ?version, "member speaks another protocol version, ignored");
+            continue;
+        }
+        if state.get(keys::TRANSPORT) != Some(transport) {
+            continue;
+        }
+        let server_id = state
+            .get(keys::SERVER_ID)
+            .and_then(|s| Uid::from_str(s).ok());
+        let namespaces = state
+            .iter_prefix(keys::NAMESPACE_PREFIX)
+            .map(|(k, _)| k[keys::NAMESPACE_PREFIX.len()..].to_string())
+            .collect();
+        let sockets = state
+            .get(keys::SOCKETS)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        out.push(Member {
+            node_id,
+            addr: id.gossip_advertise_addr,
+            server_id,
+            namespaces,
+            sockets,
+        });
+    }
+    out
+}

@@ -1,0 +1,327 @@
+//! One peer connection: the handshake, then the tasks that read its streams (ordered
+//! commands, gossip, queries) and write its gossip.
+
+use std::{
+    net::SocketAddr,
+    str::FromStr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use chitchat::Deserializable;
+use futures_util::StreamExt;
+use socketioxide_core::Uid;
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+};
+use tracing::{debug, warn};
+
+use super::Shared;
+use crate::{
+    error::PeerError,
+    transport::{CloseCode, Connection, FrameRecv, FrameSend, TransportError},
+    wire::{self, Hello, HelloReply, Query, QueryHeader, UniHeader},
+};
+
+/// Gossip frames queued per connection; dropped beyond, like UDP datagrams.
+pub(super) const GOSSIP_QUEUE: usize = 64;
+
+/// Why a stream ended badly.
+enum StreamError {
+    /// The transport failed (connection gone...): nothing to blame the peer for.
+    Transport(TransportError),
+    /// The peer broke the protocol: cut it off.
+    Protocol(PeerError),
+}
+
+impl From<TransportError> for StreamError {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::FrameTooLarge { size, max } => {
+                StreamError::Protocol(PeerError::FrameTooLarge { size, max })
+            }
+            TransportError::Truncated => {
+                StreamError::Protocol(PeerError::Malformed("stream ended inside a frame".into()))
+            }
+            e => StreamError::Transport(e),
+        }
+    }
+}
+
+impl From<PeerError> for StreamError {
+    fn from(e: PeerError) -> Self {
+        StreamError::Protocol(e)
+    }
+}
+
+fn transport_peer_error(e: TransportError) -> PeerError {
+    match e {
+        TransportError::FrameTooLarge { size, max } => PeerError::FrameTooLarge { size, max },
+        TransportError::Closed {
+            code: Some(CloseCode::Refused),
+            reason,
+        } => PeerError::Refused(reason),
+        e => PeerError::Transport(e.to_string()),
+    }
+}
+
+/// Dial `addr` and run the handshake. The peer counts as connected only once its Welcome is
+/// read: with TLS 1.3 a refused client certificate shows only at the first read.
+pub(super) async fn dial(
+    shared: &Shared,
+    addr: SocketAddr,
+) -> Result<(Arc<dyn Connection>, Hello), PeerError> {
+    let conn: Arc<dyn Connection> = Arc::from(
+        shared
+            .transport
+            .connect(addr)
+            .await
+            .map_err(transport_peer_error)?,
+    );
+    let timeout = shared.settings.connect_timeout;
+    let res = tokio::time::timeout(timeout, async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(transport_peer_error)?;
+        let hello = wire::encode_hello(&shared.hello).map_err(|e| PeerError::Malformed(e.to_string()))?;
+        send.send(hello).await.map_err(transport_peer_error)?;
+        send.finish();
+        let frame = recv
+            .recv()
+            .await
+            .map_err(transport_peer_error)?
+            .ok_or_else(|| PeerError::Malformed("handshake stream ended without a reply".into()))?;
+        match wire::decode_hello_reply(&frame)? {
+            HelloReply::Welcome(peer) => {
+                wire::check_hello(&shared.hello, &peer)?;
+                Ok(peer)
+            }
+            HelloReply::Refused(reason) => Err(PeerError::Refused(reason)),
+        }
+    })
+    .await
+    .unwrap_or(Err(PeerError::HandshakeTimeout));
+    match res {
+        Ok(peer) => Ok((conn, peer)),
+        Err(e) => {
+            conn.close(CloseCode::Refused, &e.to_string());
+            Err(e)
+        }
+    }
+}
+
+/// Run the acceptor's side of the handshake on a new connection.
+pub(super) async fn accept(shared: &Shared, conn: &Arc<dyn Connection>) -> Result<Hello, PeerError> {
+    let timeout = shared.settings.connect_timeout;
+    let res = tokio::time::timeout(timeout, async {
+        let (mut send, mut recv) = conn.accept_bi().await.map_err(transport_peer_error)?;
+        let frame = recv
+            .recv()
+            .await
+            .map_err(transport_peer_error)?
+            .ok_or_else(|| PeerError::Malformed("handshake stream ended without a hello".into()))?;
+        let checked = wire::decode_hello(&frame).and_then(|peer| {
+            wire::check_hello(&shared.hello, &peer)?;
+            Ok(peer)
+        });
+        let reply = match &checked {
+            Ok(_) => HelloReply::Welcome(shared.hello.clone()),
+            Err(e) => HelloReply::Refused(e.to_string()),
+        };
+        if let Ok(frame) = wire::encode_hello_reply(&reply) {
+            // A refused peer may be gone already; the close reason carries the message too.
+            let _ = send.send(frame).await;
+        }
+        send.finish();
+        checked
+    })
+    .await
+    .unwrap_or(Err(PeerError::HandshakeTimeout));
+    if let Err(e) = &res {
+        shared.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+        warn!(remote = %conn.remote_addr(), error = %e, "refused peer handshake");
+        // Give the reply a moment to leave before the close discards it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        conn.close(CloseCode::Refused, &e.to_string());
+    }
+    res
+}
+
+/// Serve an established connection until it closes. Returns why it closed.
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    conn: Arc<dyn Connection>,
+    peer: Hello,
+    gossip_rx: mpsc::Receiver<Bytes>,
+) -> TransportError {
+    let mut streams = JoinSet::new();
+    streams.spawn(write_gossip(conn.clone(), gossip_rx));
+    let query_slots = Arc::new(Semaphore::new(shared.settings.max_concurrent_streams as usize));
+    let cancel = shared.cancel.clone();
+    let err = loop {
+        tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(recv) => {
+                    streams.spawn(read_uni(shared.clone(), conn.clone(), peer.clone(), recv));
+                }
+                Err(e) => break e,
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => match query_slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let (shared, conn, peer) = (shared.clone(), conn.clone(), peer.clone());
+                        streams.spawn(async move {
+                            let _permit = permit;
+                            answer_query(shared, conn, peer, send, recv).await;
+                        });
+                    }
+                    Err(_) => {
+                        // Dropping the halves resets the stream: the requester sees a failure
+                        // for this peer and goes on.
+                        shared.stats.queries_refused.fetch_add(1, Ordering::Relaxed);
+                        warn!(peer = %peer.node_id, "too many queries in flight from peer, one refused");
+                    }
+                },
+                Err(e) => break e,
+            },
+            Some(res) = streams.join_next(), if !streams.is_empty() => {
+                if let Err(e) = res && e.is_panic() {
+                    warn!(peer = %peer.node_id, "a stream task panicked: {e}");
+                }
+            }
+            _ = cancel.cancelled() => break TransportError::Closed {
+                code: Some(CloseCode::Leaving),
+                reason: "node shutting down".into(),
+            },
+        }
+    };
+    streams.shutdown().await;
+    err
+}
+
+/// Report a protocol violation: log, count, cut the peer off.
+fn protocol_violation(shared: &Shared, conn: &Arc<dyn Connection>, peer: &Hello, err: &PeerError) {
+    shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    warn!(peer = %peer.node_id, remote = %conn.remote_addr(), error = %err,
+        "peer broke the protocol: closing its connection");
+    conn.close(CloseCode::Protocol, &err.to_string());
+}
+
+async fn read_uni(shared: Arc<Shared>, conn: Arc<dyn Connection>, peer: Hello, mut recv: Box<dyn FrameRecv>) {
+    let res = read_uni_inner(&shared, &peer, &mut recv).await;
+    match res {
+        Ok(()) => {}
+        Err(StreamError::Protocol(e)) => protocol_violation(&shared, &conn, &peer, &e),
+        Err(StreamError::Transport(e)) => debug!(peer = %peer.node_id, error = %e, "stream ended"),
+    }
+}
+
+async fn read_uni_inner(shared: &Arc<Shared>, peer: &Hello, recv: &mut Box<dyn FrameRecv>) -> Result<(), StreamError> {
+    let Some(header) = recv.recv().await? else {
+        return Ok(());
+    };
+    match wire::decode::<UniHeader>(&header)? {
+        UniHeader::Commands { start_seq } => {
+            let applied = shared.inbound(*peer.node_id);
+            // Commands before `start_seq` were lost with a previous connection: queries that
+            // wait for them must not wait forever.
+            applied.send_if_modified(|n| {
+                let moved = start_seq > *n;
+                *n = (*n).max(start_seq);
+                moved
+            });
+            while let Some(frame) = recv.recv().await? {
+                let cmd = wire::decode(&frame)?;
+                shared.apply(peer.node_id, cmd);
+                applied.send_modify(|n| *n += 1);
+            }
+            Ok(())
+        }
+        UniHeader::Gossip => {
+            while let Some(frame) = recv.recv().await? {
+                let msg = chitchat::ChitchatMessage::deserialize(&mut &frame[..])
+                    .map_err(|e| PeerError::Malformed(format!("gossip message: {e}")))?;
+                if shared.gossip_in.try_send((peer.advertise_addr, msg)).is_err() {
+                    debug!("gossip inbox full, message dropped");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn answer_query(
+    shared: Arc<Shared>,
+    conn: Arc<dyn Connection>,
+    peer: Hello,
+    mut send: Box<dyn FrameSend>,
+    mut recv: Box<dyn FrameRecv>,
+) {
+    let res = answer_query_inner(&shared, &peer, &mut send, &mut recv).await;
+    match res {
+        Ok(()) => {
+            shared.stats.queries_answered.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(StreamError::Protocol(e)) => protocol_violation(&shared, &conn, &peer, &e),
+        Err(StreamError::Transport(e)) => debug!(peer = %peer.node_id, error = %e, "query stream ended"),
+    }
+}
+
+async fn answer_query_inner(
+    shared: &Arc<Shared>,
+    peer: &Hello,
+    send: &mut Box<dyn FrameSend>,
+    recv: &mut Box<dyn FrameRecv>,
+) -> Result<(), StreamError> {
+    let missing = || PeerError::Malformed("query stream ended early".into());
+    let header: QueryHeader = wire::decode(&recv.recv().await?.ok_or_else(missing)?)?;
+    let query: Query = wire::decode(&recv.recv().await?.ok_or_else(missing)?)?;
+    // See the commands the peer sent before this query.
+    let mut applied = shared.inbound(*peer.node_id).subscribe();
+    let wait = applied.wait_for(|n| *n >= header.after_seq);
+    if tokio::time::timeout(shared.settings.request_timeout, wait).await.is_err() {
+        debug!(peer = %peer.node_id, after = header.after_seq, "answering before the preceding commands arrived");
+    }
+    drop(applied);
+    let mut replies = shared.answer(peer.node_id, query);
+    while let Some(reply) = replies.next().await {
+        let frame = wire::encode(&reply).map_err(|e| StreamError::Transport(TransportError::Io(e.to_string())))?;
+        send.send(frame).await?;
+    }
+    send.finish();
+    Ok(())
+}
+
+/// Writes gossip frames on one unidirectional stream, opened at the first message.
+async fn write_gossip(conn: Arc<dyn Connection>, mut rx: mpsc::Receiver<Bytes>) {
+    let mut stream: Option<Box<dyn FrameSend>> = None;
+    while let Some(frame) = rx.recv().await {
+        if stream.is_none() {
+            let opened = async {
+                let mut s = conn.open_uni().await?;
+                let header = wire::encode(&UniHeader::Gossip).map_err(|e| TransportError::Io(e.to_string()))?;
+                s.send(header).await?;
+                Ok::<_, TransportError>(s)
+            }
+            .await;
+            match opened {
+                Ok(s) => stream = Some(s),
+                Err(e) => {
+                    debug!(error = %e, "cannot open gossip stream");
+                    return;
+                }
+            }
+        }
+        if let Some(s) = stream.as_mut()
+            && let Err(e) = s.send(frame).await
+        {
+            debug!(error = %e, "gossip stream closed");
+            return;
+        }
+    }
+}
+
+/// Parse a node id from its string form (gossip node ids).
+pub(super) fn parse_uid(s: &str) -> Option<Uid> {
+    Uid::from_str(s).ok()
+}

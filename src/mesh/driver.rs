@@ -1,0 +1,436 @@
+//! The driver: one task that owns the [`PeerTable`] and turns its actions into dials, closes
+//! and link updates, routes gossip to connections, and feeds membership and seeds in.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use tokio::{
+    sync::mpsc,
+    time::{Instant, sleep_until},
+};
+use tracing::{debug, info, warn};
+
+use super::{Shared, conn, link::Link};
+use crate::{
+    MeshConfig,
+    membership::{Member, keys, parse_members},
+    peers::{Action, Backoff, ConnId, NodeId, PeerTable},
+    transport::{CloseCode, Connection, TransportError},
+    wire::Hello,
+};
+
+/// Addresses tracked for dialing at most (seeds, gossip targets, members).
+const MAX_DIAL_ADDRS: usize = 1024;
+/// How often the local socket count is published in gossip (observability).
+const LOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+enum Event {
+    Connected {
+        conn: Arc<dyn Connection>,
+        peer: Hello,
+        /// The address we dialed, when we dialed.
+        dialed: Option<SocketAddr>,
+    },
+    DialFailed {
+        addr: SocketAddr,
+        error: String,
+    },
+    Disconnected {
+        conn: ConnId,
+        error: TransportError,
+    },
+}
+
+struct ConnEntry {
+    conn: Arc<dyn Connection>,
+    node: NodeId,
+    addr: SocketAddr,
+    gossip_tx: mpsc::Sender<Bytes>,
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    table: PeerTable,
+    conns: HashMap<ConnId, ConnEntry>,
+    /// Advertised address → connection carrying gossip to it.
+    gossip_routes: HashMap<SocketAddr, ConnId>,
+    /// Nodes that said goodbye: ignored even if gossip still lists them for a moment.
+    departed: HashSet<NodeId>,
+    events_tx: mpsc::Sender<Event>,
+}
+
+pub(super) async fn spawn(
+    shared: Arc<Shared>,
+    cfg: &MeshConfig,
+    gossip_out: mpsc::Receiver<(SocketAddr, Bytes)>,
+) {
+    let (events_tx, events_rx) = mpsc::channel(256);
+    let table = PeerTable::new(
+        shared.node_key,
+        shared.hello.advertise_addr,
+        Backoff {
+            min: cfg.reconnect_min,
+            max: cfg.reconnect_max,
+        },
+        MAX_DIAL_ADDRS,
+    );
+    let live = shared.membership.live_watcher().await;
+    let (seeds_tx, seeds_rx) = mpsc::channel(16);
+    let driver = Driver {
+        shared: shared.clone(),
+        table,
+        conns: HashMap::new(),
+        gossip_routes: HashMap::new(),
+        departed: HashSet::new(),
+        events_tx: events_tx.clone(),
+    };
+    shared
+        .tasks
+        .spawn(accept_loop(shared.clone(), events_tx));
+    shared
+        .tasks
+        .spawn(seed_loop(shared.clone(), cfg.seed_interval, seeds_tx));
+    shared.tasks.spawn(load_loop(shared.clone()));
+    shared
+        .tasks
+        .spawn(driver.run(events_rx, live, gossip_out, seeds_rx));
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut live: tokio::sync::watch::Receiver<std::collections::BTreeMap<chitchat::ChitchatId, chitchat::NodeState>>,
+        mut gossip_out: mpsc::Receiver<(SocketAddr, Bytes)>,
+        mut seeds: mpsc::Receiver<Vec<SocketAddr>>,
+    ) {
+        let cancel = self.shared.cancel.clone();
+        loop {
+            let wake = self
+                .table
+                .poll_timeout()
+                .map(Instant::from_std)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(ev) = events.recv() => self.on_event(ev),
+                changed = live.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let map = live.borrow_and_update().clone();
+                    self.on_members(&map);
+                }
+                Some((addr, frame)) = gossip_out.recv() => self.on_gossip_out(addr, frame),
+                Some(addrs) = seeds.recv() => {
+                    let now = std::time::Instant::now();
+                    for addr in addrs {
+                        self.table.want(now, addr);
+                    }
+                }
+                _ = sleep_until(wake) => {}
+            }
+            self.run_actions();
+        }
+        for entry in self.conns.values() {
+            entry.conn.close(CloseCode::Leaving, "node shutting down");
+        }
+        for link in self.shared.links().values() {
+            link.set_gone();
+        }
+    }
+
+    fn run_actions(&mut self) {
+        let now = std::time::Instant::now();
+        while let Some(action) = self.table.poll_action(now) {
+            match action {
+                Action::Dial(addr) => self.dial(addr),
+                Action::Close { conn, code } => {
+                    if let Some(entry) = self.conns.get(&conn) {
+                        debug!(peer = %entry.node, ?code, "closing connection");
+                        entry.conn.close(code, close_reason(code));
+                    }
+                }
+                Action::Route { node, conn } => {
+                    let conn = conn.and_then(|id| self.conns.get(&id)).map(|e| e.conn.clone());
+                    let link = self.ensure_link(node);
+                    link.set_conn(conn);
+                }
+                Action::Forget { node } => {
+                    let link = self
+                        .shared
+                        .links
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&node);
+                    if let Some(link) = link {
+                        link.set_gone();
+                        info!(peer = %link.node_uid, "peer left the mesh");
+                    }
+                    self.shared
+                        .inbound
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&node);
+                }
+            }
+        }
+    }
+
+    fn ensure_link(&self, node: NodeId) -> Arc<Link> {
+        let mut links = self.shared.links.write().unwrap_or_else(|e| e.into_inner());
+        links
+            .entry(node)
+            .or_insert_with(|| {
+                let uid = conn::parse_uid(node.as_str()).unwrap_or_default();
+                Link::spawn(
+                    node,
+                    uid,
+                    self.shared.settings.peer_queue_len,
+                    self.shared.settings.peer_queue_bytes,
+                    self.shared.stats.clone(),
+                    &self.shared.tasks,
+                    self.shared.cancel.clone(),
+                )
+            })
+            .clone()
+    }
+
+    fn dial(&self, addr: SocketAddr) {
+        let shared = self.shared.clone();
+        let tx = self.events_tx.clone();
+        self.shared.tasks.spawn(async move {
+            let ev = match conn::dial(&shared, addr).await {
+                Ok((conn, peer)) => Event::Connected {
+                    conn,
+                    peer,
+                    dialed: Some(addr),
+                },
+                Err(e) => Event::DialFailed {
+                    addr,
+                    error: e.to_string(),
+                },
+            };
+            // The driver may be gone (shutdown).
+            let _ = tx.send(ev).await;
+        });
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let now = std::time::Instant::now();
+        match ev {
+            Event::Connected { conn, peer, dialed } => {
+                let node = *peer.node_id;
+                if self.departed.contains(&node) || self.shared.cancel.is_cancelled() {
+                    conn.close(CloseCode::Leaving, "peer already left");
+                    return;
+                }
+                let id = conn.id();
+                debug!(peer = %peer.node_id, addr = %peer.advertise_addr, dialed = dialed.is_some(), "peer connected");
+                let (gossip_tx, gossip_rx) = mpsc::channel(conn::GOSSIP_QUEUE);
+                self.conns.insert(
+                    id,
+                    ConnEntry {
+                        conn: conn.clone(),
+                        node,
+                        addr: peer.advertise_addr,
+                        gossip_tx,
+                    },
+                );
+                self.gossip_routes.insert(peer.advertise_addr, id);
+                if let Some(dial_addr) = dialed
+                    && dial_addr != peer.advertise_addr
+                {
+                    // We dialed an address the peer does not advertise (a seed behind a name):
+                    // route gossip for that address too.
+                    self.gossip_routes.insert(dial_addr, id);
+                }
+                self.table
+                    .connected(now, id, node, peer.advertise_addr, dialed.is_some());
+                let shared = self.shared.clone();
+                let tx = self.events_tx.clone();
+                self.shared.tasks.spawn(async move {
+                    let error = conn::serve(shared, conn, peer, gossip_rx).await;
+                    let _ = tx.send(Event::Disconnected { conn: id, error }).await;
+                });
+                // Gossip right away on the new connection: joining takes one round trip.
+                self.shared.membership.gossip_to(self.conn_addr(id));
+            }
+            Event::DialFailed { addr, error } => {
+                debug!(%addr, %error, "dial failed");
+                self.table.dial_failed(now, addr, fastrand::f64());
+            }
+            Event::Disconnected { conn, error } => {
+                let Some(entry) = self.conns.remove(&conn) else {
+                    return;
+                };
+                self.gossip_routes.retain(|_, c| *c != conn);
+                // Re-route gossip through another connection to the same node, if any.
+                if let Some((other, e)) = self.conns.iter().find(|(_, e)| e.node == entry.node) {
+                    self.gossip_routes.insert(e.addr, *other);
+                }
+                if let TransportError::Closed {
+                    code: Some(CloseCode::Leaving),
+                    ..
+                } = error
+                {
+                    info!(peer = %entry.node, "peer is leaving");
+                    self.departed.insert(entry.node);
+                    self.table.departed(entry.node);
+                } else {
+                    debug!(peer = %entry.node, %error, "peer connection closed");
+                }
+                self.table.disconnected(now, conn);
+            }
+        }
+    }
+
+    fn conn_addr(&self, id: ConnId) -> SocketAddr {
+        self.conns.get(&id).map(|e| e.addr).unwrap_or(self.shared.hello.advertise_addr)
+    }
+
+    fn on_members(&mut self, live: &std::collections::BTreeMap<chitchat::ChitchatId, chitchat::NodeState>) {
+        let self_id = self.shared.membership.self_id().clone();
+        let transport = self.shared.settings.transport.as_str();
+        let mut members: Vec<Member> = parse_members(live, &self_id, transport)
+            .into_iter()
+            .filter(|m| !self.departed.contains(&*m.node_id))
+            .collect();
+        members.sort_by(|a, b| a.addr.cmp(&b.addr));
+        // Forget departed nodes once gossip forgot them too (bounded memory).
+        let listed: HashSet<NodeId> = live
+            .keys()
+            .filter_map(|id| conn::parse_uid(&id.node_id).map(|u| *u))
+            .collect();
+        self.departed.retain(|n| listed.contains(n));
+
+        let pairs: Vec<(NodeId, SocketAddr)> = members.iter().map(|m| (*m.node_id, m.addr)).collect();
+        self.table.set_live(&pairs);
+        for m in &members {
+            let link = self.ensure_link(*m.node_id);
+            *link.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
+        }
+        let before = self.shared.members_tx.borrow().len();
+        if before != members.len() {
+            info!(members = members.len() + 1, "mesh membership changed");
+        }
+        self.shared.members_tx.send_replace(Arc::new(members));
+    }
+
+    fn on_gossip_out(&mut self, addr: SocketAddr, frame: Bytes) {
+        match self.gossip_routes.get(&addr).and_then(|id| self.conns.get(id)) {
+            Some(entry) => {
+                if entry.gossip_tx.try_send(frame).is_err() {
+                    debug!(%addr, "gossip queue of connection full, message dropped");
+                }
+            }
+            None => self.table.want(std::time::Instant::now(), addr),
+        }
+    }
+}
+
+fn close_reason(code: CloseCode) -> &'static str {
+    match code {
+        CloseCode::Leaving => "node leaving",
+        CloseCode::Protocol => "protocol violation",
+        CloseCode::Refused => "handshake refused",
+        CloseCode::SlowPeer => "slow peer cut off",
+        CloseCode::Replaced => "replaced by another connection",
+        CloseCode::PeerDead => "peer declared dead",
+    }
+}
+
+/// Accepts connections and runs their handshakes concurrently (bounded).
+async fn accept_loop(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(64));
+    loop {
+        let conn = tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            conn = shared.transport.accept() => conn,
+        };
+        let conn: Arc<dyn Connection> = match conn {
+            Ok(c) => Arc::from(c),
+            Err(TransportError::EndpointClosed) => return,
+            Err(e) => {
+                debug!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            warn!(remote = %conn.remote_addr(), "too many handshakes in progress, refusing connection");
+            conn.close(CloseCode::Refused, "busy");
+            continue;
+        };
+        let (shared2, events) = (shared.clone(), events.clone());
+        shared.tasks.spawn(async move {
+            let _permit = permit;
+            if let Ok(peer) = conn::accept(&shared2, &conn).await {
+                let _ = events
+                    .send(Event::Connected {
+                        conn,
+                        peer,
+                        dialed: None,
+                    })
+                    .await;
+            }
+        });
+    }
+}
+
+/// Asks every seed source periodically and hands the addresses to the driver.
+async fn seed_loop(shared: Arc<Shared>, interval: Duration, tx: mpsc::Sender<Vec<SocketAddr>>) {
+    if shared.seeds.is_empty() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let mut addrs = Vec::new();
+        for source in &shared.seeds {
+            let ctx = shared.seed_ctx.clone();
+            match tokio::time::timeout(interval.max(Duration::from_secs(2)), source.seeds(&ctx)).await {
+                Ok(Ok(found)) => addrs.extend(found),
+                Ok(Err(e)) => warn!(source = source.name(), error = %e, "seed source failed"),
+                Err(_) => warn!(source = source.name(), "seed source timed out"),
+            }
+        }
+        addrs.sort();
+        addrs.dedup();
+        if tx.send(addrs).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Publishes the number of local sockets in gossip, for observability.
+async fn load_loop(shared: Arc<Shared>) {
+    let mut ticker = tokio::time::interval(LOAD_INTERVAL);
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let handlers: Vec<_> = shared
+            .namespaces
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        let n: usize = handlers.iter().map(|h| h.num_sockets()).sum();
+        if last != Some(n) {
+            shared.membership.set(keys::SOCKETS, &n.to_string()).await;
+            last = Some(n);
+        }
+    }
+}

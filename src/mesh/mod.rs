@@ -1,0 +1,674 @@
+//! [`Mesh`]: one per process. It owns the transport endpoint, membership, the links to peers
+//! and the tasks that drive them, and is the state every [`MeshAdapter`](crate::MeshAdapter)
+//! shares.
+
+mod conn;
+mod driver;
+mod link;
+mod request;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, OnceLock, RwLock, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_core::Stream;
+use serde::{Serialize, de::DeserializeOwned};
+use serde_bytes::ByteBuf;
+use socketioxide_core::{Str, Uid};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn};
+
+pub(crate) use link::{EnqueueError, Link};
+pub(crate) use request::{Mode, Outgoing};
+
+use crate::{
+    Error, MeshConfig, TransportKind,
+    membership::{Member, Membership, keys},
+    peers::NodeId,
+    seed::SeedContext,
+    transport::{Transport, TransportSettings, quic::QuicTransport},
+    wire::{self, Command, CommandRef, Hello, Query, QueryRef, Reply},
+};
+
+/// What a namespace's adapter does with messages from peers (type-erased `MeshAdapter<E>`).
+pub(crate) trait NsHandler: Send + Sync + 'static {
+    /// Apply a command from a peer.
+    fn apply(&self, cmd: Command);
+    /// Answer a query from a peer.
+    fn answer(&self, query: Query) -> Pin<Box<dyn Stream<Item = Reply> + Send>>;
+    /// Number of local sockets (observability).
+    fn num_sockets(&self) -> usize;
+}
+
+/// Counters of what happened on this node since it started. Cheap to read.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub commands_sent: AtomicU64,
+    pub commands_received: AtomicU64,
+    pub commands_lost: AtomicU64,
+    pub volatile_dropped: AtomicU64,
+    pub slow_peer_cutoffs: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub handshakes_refused: AtomicU64,
+    pub requests: AtomicU64,
+    pub request_peer_failures: AtomicU64,
+    pub queries_answered: AtomicU64,
+    pub queries_refused: AtomicU64,
+}
+
+/// A snapshot of a node's counters ([`Mesh::stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MeshStats {
+    /// Commands (broadcasts, joins, leaves, disconnects, server events) written to peers.
+    pub commands_sent: u64,
+    /// Commands received from peers and applied.
+    pub commands_received: u64,
+    /// Commands lost because a connection broke or a slow peer was cut off.
+    pub commands_lost: u64,
+    /// Volatile broadcasts dropped because a peer's queue was full.
+    pub volatile_dropped: u64,
+    /// Times a peer was cut off for not keeping up with its queue.
+    pub slow_peer_cutoffs: u64,
+    /// Connections closed because the peer broke the protocol (malformed or oversize frame...).
+    pub protocol_errors: u64,
+    /// Incoming handshakes refused (wrong cluster, version, magic...).
+    pub handshakes_refused: u64,
+    /// Requests sent (fetch_sockets, rooms, broadcast with ack, server events with ack).
+    pub requests: u64,
+    /// Peers that failed to answer a request (died, disconnected, timed out).
+    pub request_peer_failures: u64,
+    /// Requests from peers answered.
+    pub queries_answered: u64,
+    /// Requests from peers refused because too many were in flight.
+    pub queries_refused: u64,
+}
+
+/// A server-side event received from another node ([`Mesh::on_server_event`]).
+pub struct ServerEvent {
+    /// The node that emitted it.
+    pub from: Uid,
+    /// The event name.
+    pub event: String,
+    data: Bytes,
+    ack: Option<oneshot::Sender<Bytes>>,
+}
+
+impl fmt::Debug for ServerEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerEvent")
+            .field("from", &self.from)
+            .field("event", &self.event)
+            .field("len", &self.data.len())
+            .field("wants_ack", &self.ack.is_some())
+            .finish()
+    }
+}
+
+impl ServerEvent {
+    /// Decode the event's data.
+    pub fn data<T: DeserializeOwned>(&self) -> Result<T, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(&self.data)
+    }
+
+    /// Whether the emitter waits for an answer ([`Mesh::server_side_emit_with_ack`]).
+    pub fn wants_ack(&self) -> bool {
+        self.ack.is_some()
+    }
+
+    /// Answer the emitter. Does nothing if it did not ask for an answer.
+    pub fn ack<T: Serialize + ?Sized>(mut self, value: &T) -> Result<(), Error> {
+        if let Some(tx) = self.ack.take() {
+            let bytes = rmp_serde::to_vec(value).map_err(|e| Error::Encode(e.to_string()))?;
+            // The emitter may have given up waiting; nothing to do then.
+            let _ = tx.send(Bytes::from(bytes));
+        }
+        Ok(())
+    }
+}
+
+type ServerEventHandler = Arc<dyn Fn(ServerEvent) + Send + Sync>;
+
+/// Settings the running node needs (a copy of the relevant [`MeshConfig`] parts).
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub request_timeout: Duration,
+    pub max_frame_size: usize,
+    pub peer_queue_len: usize,
+    pub peer_queue_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub connect_timeout: Duration,
+    pub transport: TransportKind,
+}
+
+/// The state shared by the [`Mesh`] handles, the adapters and the tasks.
+pub(crate) struct Shared {
+    pub settings: Settings,
+    pub node_id: Uid,
+    pub node_key: NodeId,
+    pub hello: Hello,
+    pub local_addr: SocketAddr,
+    pub sio_id: OnceLock<Uid>,
+    pub links: RwLock<HashMap<NodeId, Arc<Link>>>,
+    pub namespaces: RwLock<HashMap<String, Weak<dyn NsHandler>>>,
+    /// Commands applied per peer (for queries that must see them).
+    pub inbound: Mutex<HashMap<NodeId, watch::Sender<u64>>>,
+    pub server_handler: RwLock<Option<ServerEventHandler>>,
+    pub members_tx: watch::Sender<Arc<Vec<Member>>>,
+    pub request_permits: Arc<Semaphore>,
+    pub stats: Arc<Stats>,
+    pub membership: Membership,
+    pub transport: Arc<dyn Transport>,
+    pub gossip_in: mpsc::Sender<(SocketAddr, chitchat::ChitchatMessage)>,
+    pub seed_ctx: SeedContext,
+    pub cancel: CancellationToken,
+    pub tasks: TaskTracker,
+    pub seeds: Vec<Arc<dyn crate::seed::SeedSource>>,
+}
+
+/// Cancels every task when the last [`Mesh`] handle is dropped.
+struct DropGuard(CancellationToken);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// A node of the mesh: the adapter state for socketioxide, and the handle for mesh-level
+/// operations (members, server-side events, statistics, shutdown). Cheap to clone.
+///
+/// ```no_run
+/// use socketioxide::{SocketIo, extract::SocketRef};
+/// use socketioxide_mesh::{Mesh, MeshAdapter, MeshConfig, TlsConfig, StaticSeeds};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let tls = TlsConfig::from_dir("/etc/mesh-tls")?;
+/// let config = MeshConfig::new(tls)
+///     .with_advertise_addr("10.0.0.5:7800".parse()?)
+///     .with_seeds(StaticSeeds::new(["mesh-headless.default.svc.cluster.local:7800"]));
+/// let mesh = Mesh::start(config).await?;
+///
+/// let (layer, io) = SocketIo::builder()
+///     .with_adapter::<MeshAdapter<_>>(mesh.clone())
+///     .build_layer();
+/// io.ns("/", |s: SocketRef<MeshAdapter<_>>| {
+///     s.on("msg", |s: SocketRef<MeshAdapter<_>>| async move {
+///         // reaches the sockets of every node
+///         s.broadcast().emit("msg", "hello").await.ok();
+///     });
+/// })
+/// .await?;
+/// # let _ = layer;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Mesh {
+    pub(crate) shared: Arc<Shared>,
+    _guard: Arc<DropGuard>,
+}
+
+impl fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mesh")
+            .field("node_id", &self.shared.node_id)
+            .field("addr", &self.shared.hello.advertise_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mesh {
+    /// Validate the configuration, open the transport endpoint, start membership and the
+    /// driver. Returns once the node listens; peers are found in the background.
+    pub async fn start(config: MeshConfig) -> Result<Mesh, Error> {
+        config.validate()?;
+        let settings = TransportSettings::from_config(&config);
+        let transport: Arc<dyn Transport> = match config.transport {
+            TransportKind::Quic => Arc::new(QuicTransport::bind(
+                config.listen_addr,
+                &config.tls,
+                settings,
+            )?),
+        };
+        Self::start_with_transport(config, transport).await
+    }
+
+    pub(crate) async fn start_with_transport(
+        config: MeshConfig,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Mesh, Error> {
+        let local_addr = transport.local_addr();
+        let advertise_addr = match config.advertise_addr {
+            Some(a) => a,
+            None => {
+                if local_addr.ip().is_unspecified() || local_addr.port() == 0 {
+                    return Err(crate::ConfigError::AdvertiseAddrInvalid(local_addr).into());
+                }
+                local_addr
+            }
+        };
+        let node_id = Uid::new();
+        let (membership, pipes) = Membership::start(&config, node_id, advertise_addr).await?;
+        let hello = Hello {
+            cluster_id: config.cluster_id.clone(),
+            node_id,
+            advertise_addr,
+            transport: config.transport.as_str().to_string(),
+        };
+        let settings = Settings {
+            request_timeout: config.request_timeout,
+            max_frame_size: config.max_frame_size,
+            peer_queue_len: config.peer_queue_len,
+            peer_queue_bytes: config.peer_queue_bytes,
+            max_concurrent_streams: config.max_concurrent_streams,
+            connect_timeout: config.connect_timeout,
+            transport: config.transport,
+        };
+        let cancel = CancellationToken::new();
+        let (members_tx, _) = watch::channel(Arc::new(Vec::new()));
+        let shared = Arc::new(Shared {
+            settings,
+            node_id,
+            node_key: *node_id,
+            hello,
+            local_addr,
+            sio_id: OnceLock::new(),
+            links: RwLock::new(HashMap::new()),
+            namespaces: RwLock::new(HashMap::new()),
+            inbound: Mutex::new(HashMap::new()),
+            server_handler: RwLock::new(None),
+            members_tx,
+            request_permits: Arc::new(Semaphore::new(config.max_in_flight_requests)),
+            stats: Arc::new(Stats::default()),
+            membership,
+            transport,
+            gossip_in: pipes.in_tx,
+            seed_ctx: SeedContext {
+                cluster_id: config.cluster_id.clone(),
+                node_id,
+                advertise_addr,
+            },
+            cancel: cancel.clone(),
+            tasks: TaskTracker::new(),
+            seeds: config.seeds.clone(),
+        });
+        driver::spawn(shared.clone(), &config, pipes.out_rx).await;
+        info!(node = %node_id, addr = %advertise_addr, transport = %config.transport,
+            cluster = %config.cluster_id, "mesh node started");
+        Ok(Mesh {
+            shared,
+            _guard: Arc::new(DropGuard(cancel)),
+        })
+    }
+
+    /// This node's mesh id.
+    pub fn node_id(&self) -> Uid {
+        self.shared.node_id
+    }
+
+    /// The address the transport is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// The address peers dial to reach this node.
+    pub fn advertise_addr(&self) -> SocketAddr {
+        self.shared.hello.advertise_addr
+    }
+
+    /// The live members, without this node.
+    pub fn members(&self) -> Vec<Member> {
+        self.shared.members_tx.borrow().as_ref().clone()
+    }
+
+    /// A watch of the live members (without this node): await changes, e.g. for readiness.
+    ///
+    /// ```no_run
+    /// # async fn f(mesh: socketioxide_mesh::Mesh) {
+    /// let mut members = mesh.watch_members();
+    /// members.wait_for(|m| m.len() >= 2).await.ok();
+    /// # }
+    /// ```
+    pub fn watch_members(&self) -> watch::Receiver<Arc<Vec<Member>>> {
+        self.shared.members_tx.subscribe()
+    }
+
+    /// The number of nodes serving namespace `ns`: this one plus the live peers serving it.
+    /// (The adapter's `server_count` gives the same; socketioxide 0.18 does not expose it.)
+    pub fn server_count(&self, ns: &str) -> u16 {
+        let peers = self.shared.ns_links(ns, None).len();
+        u16::try_from(peers + 1).unwrap_or(u16::MAX)
+    }
+
+    /// Counters of what happened on this node.
+    pub fn stats(&self) -> MeshStats {
+        let s = &self.shared.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MeshStats {
+            commands_sent: l(&s.commands_sent),
+            commands_received: l(&s.commands_received),
+            commands_lost: l(&s.commands_lost),
+            volatile_dropped: l(&s.volatile_dropped),
+            slow_peer_cutoffs: l(&s.slow_peer_cutoffs),
+            protocol_errors: l(&s.protocol_errors),
+            handshakes_refused: l(&s.handshakes_refused),
+            requests: l(&s.requests),
+            request_peer_failures: l(&s.request_peer_failures),
+            queries_answered: l(&s.queries_answered),
+            queries_refused: l(&s.queries_refused),
+        }
+    }
+
+    /// Set the handler of server-side events emitted by other nodes (replaces any previous
+    /// one). Socket.IO's `serverSideEmit`: messages between servers, not to clients.
+    ///
+    /// ```no_run
+    /// # fn f(mesh: socketioxide_mesh::Mesh) {
+    /// mesh.on_server_event(|ev| {
+    ///     if ev.event == "ping" {
+    ///         let _ = ev.ack("pong");
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn on_server_event<F>(&self, handler: F)
+    where
+        F: Fn(ServerEvent) + Send + Sync + 'static,
+    {
+        *self
+            .shared
+            .server_handler
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(handler));
+    }
+
+    /// Emit an event to every other node (not to clients), in order with this node's other
+    /// commands. Returns once queued.
+    pub async fn server_side_emit<T: Serialize + ?Sized>(
+        &self,
+        event: &str,
+        data: &T,
+    ) -> Result<(), Error> {
+        let data = rmp_serde::to_vec(data).map_err(|e| Error::Encode(e.to_string()))?;
+        let cmd = CommandRef::ServerEvent {
+            event,
+            data: serde_bytes::Bytes::new(&data),
+        };
+        let frame = self.shared.encode_frame(&cmd)?;
+        self.shared
+            .send_command(&self.shared.member_links(), frame, false);
+        Ok(())
+    }
+
+    /// Emit an event to every other node and collect their answers (the `ack` of their
+    /// handlers). Ends when every live node answered or died, or after the request timeout.
+    /// Nodes without a handler, or whose handler did not answer, give `None`.
+    pub async fn server_side_emit_with_ack<T: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        event: &str,
+        data: &T,
+    ) -> Result<Vec<(Uid, Option<R>)>, Error> {
+        let data = rmp_serde::to_vec(data).map_err(|e| Error::Encode(e.to_string()))?;
+        let query = QueryRef::ServerEventWithAck {
+            event,
+            data: serde_bytes::Bytes::new(&data),
+        };
+        let targets = self.shared.member_links();
+        let timeout = self.shared.settings.request_timeout;
+        let mut out = self
+            .shared
+            .request(&targets, &query, Mode::Single, timeout)
+            .await?;
+        let mut answers = Vec::new();
+        while let Some((node, reply)) = out.next().await {
+            let from = out.uid_of(node);
+            match reply {
+                Reply::ServerAck(Some(bytes)) => match rmp_serde::from_slice(&bytes) {
+                    Ok(v) => answers.push((from, Some(v))),
+                    Err(e) => {
+                        warn!(peer = %from, error = %e, "server event answer does not decode");
+                        answers.push((from, None));
+                    }
+                },
+                Reply::ServerAck(None) | Reply::Error(_) => answers.push((from, None)),
+                other => debug!(peer = %from, ?other, "unexpected answer to a server event"),
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Leave the mesh gracefully: tell peers (so their requests stop waiting for this node at
+    /// once), close connections, stop every task and wait for them.
+    pub async fn shutdown(&self) {
+        let shared = &self.shared;
+        if shared.cancel.is_cancelled() {
+            return;
+        }
+        shared.membership.set(keys::LEAVING, "1").await;
+        // Close with "leaving": peers forget this node immediately, without waiting for the
+        // failure detector.
+        let links: Vec<Arc<Link>> = shared.links().values().cloned().collect();
+        for link in &links {
+            if let Some(conn) = link.state.borrow().conn.clone() {
+                conn.close(crate::transport::CloseCode::Leaving, "node leaving");
+            }
+        }
+        for seed in &shared.seeds {
+            let ctx = shared.seed_ctx.clone();
+            if tokio::time::timeout(Duration::from_secs(2), seed.leave(&ctx))
+                .await
+                .is_err()
+            {
+                debug!(seed = seed.name(), "seed source did not acknowledge leaving in time");
+            }
+        }
+        shared.cancel.cancel();
+        shared.membership.shutdown().await;
+        shared.transport.close();
+        shared.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("some mesh tasks did not stop within 5 s");
+        }
+        info!(node = %shared.node_id, "mesh node stopped");
+    }
+}
+
+impl Shared {
+    pub(crate) fn links(&self) -> std::sync::RwLockReadGuard<'_, HashMap<NodeId, Arc<Link>>> {
+        self.links.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Links to live members serving `ns`; only the one serving `server_id` when given and
+    /// known.
+    pub(crate) fn ns_links(&self, ns: &str, server_id: Option<Uid>) -> Vec<Arc<Link>> {
+        let links = self.links();
+        if let Some(sid) = server_id {
+            let target: Vec<Arc<Link>> = links
+                .values()
+                .filter(|l| l.serves(ns) && l.server_id() == Some(sid))
+                .cloned()
+                .collect();
+            if !target.is_empty() {
+                return target;
+            }
+        }
+        links.values().filter(|l| l.serves(ns)).cloned().collect()
+    }
+
+    /// Links to every live member.
+    pub(crate) fn member_links(&self) -> Vec<Arc<Link>> {
+        self.links()
+            .values()
+            .filter(|l| l.is_member())
+            .cloned()
+            .collect()
+    }
+
+    /// Encode a message, refusing one larger than the frame limit.
+    pub(crate) fn encode_frame<T: Serialize>(&self, msg: &T) -> Result<Bytes, Error> {
+        let frame = wire::encode(msg)?;
+        if frame.len() > self.settings.max_frame_size {
+            return Err(Error::Encode(format!(
+                "message of {} bytes exceeds max_frame_size ({} bytes)",
+                frame.len(),
+                self.settings.max_frame_size
+            )));
+        }
+        Ok(frame)
+    }
+
+    /// Queue a command to each link, in order. Never waits: a full queue drops a volatile
+    /// message or cuts the slow peer off.
+    pub(crate) fn send_command(&self, links: &[Arc<Link>], frame: Bytes, volatile: bool) {
+        for link in links {
+            match link.enqueue(frame.clone()) {
+                Ok(()) => {}
+                Err(EnqueueError::Full) if volatile => {
+                    self.stats.volatile_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(EnqueueError::Full) => {
+                    self.stats.commands_lost.fetch_add(1, Ordering::Relaxed);
+                    link.cut_off();
+                }
+                Err(EnqueueError::Gone) => {}
+            }
+        }
+    }
+
+    pub(crate) fn ns_handler(&self, ns: &str) -> Option<Arc<dyn NsHandler>> {
+        self.namespaces
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(ns)
+            .and_then(Weak::upgrade)
+    }
+
+    /// Register a namespace served by this node and publish it in gossip.
+    pub(crate) async fn register_ns(
+        &self,
+        ns: &Str,
+        sio_id: Uid,
+        handler: Weak<dyn NsHandler>,
+    ) -> Result<(), Error> {
+        let bound = *self.sio_id.get_or_init(|| sio_id);
+        if bound != sio_id {
+            return Err(Error::OtherServer(bound.to_string()));
+        }
+        self.namespaces
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ns.to_string(), handler);
+        self.membership.set(keys::SERVER_ID, &sio_id.to_string()).await;
+        self.membership
+            .set(&format!("{}{}", keys::NAMESPACE_PREFIX, ns), "")
+            .await;
+        debug!(ns = %ns, "namespace registered");
+        Ok(())
+    }
+
+    pub(crate) async fn unregister_ns(&self, ns: &Str) {
+        self.namespaces
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ns.as_str());
+        self.membership
+            .delete(&format!("{}{}", keys::NAMESPACE_PREFIX, ns))
+            .await;
+    }
+
+    /// The applied-commands counter of a peer.
+    pub(crate) fn inbound(&self, peer: NodeId) -> watch::Sender<u64> {
+        self.inbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_insert_with(|| watch::channel(0).0)
+            .clone()
+    }
+
+    /// Apply a command received from `from`.
+    pub(crate) fn apply(&self, from: Uid, cmd: Command) {
+        self.stats.commands_received.fetch_add(1, Ordering::Relaxed);
+        match cmd {
+            Command::ServerEvent { event, data } => {
+                let handler = self
+                    .server_handler
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(handler) = handler {
+                    handler(ServerEvent {
+                        from,
+                        event,
+                        data: Bytes::from(data.into_vec()),
+                        ack: None,
+                    });
+                }
+            }
+            cmd => {
+                let Some(ns) = cmd.ns() else { return };
+                match self.ns_handler(ns) {
+                    Some(h) => h.apply(cmd),
+                    None => debug!(ns = %ns, "command for a namespace this node does not serve"),
+                }
+            }
+        }
+    }
+
+    /// Answer a query received from `from`.
+    pub(crate) fn answer(&self, from: Uid, query: Query) -> Pin<Box<dyn Stream<Item = Reply> + Send>> {
+        use futures_util::StreamExt;
+        match query {
+            Query::ServerEventWithAck { event, data } => {
+                let handler = self
+                    .server_handler
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let Some(handler) = handler else {
+                    return Box::pin(futures_util::stream::once(async { Reply::ServerAck(None) }));
+                };
+                let (tx, rx) = oneshot::channel();
+                handler(ServerEvent {
+                    from,
+                    event,
+                    data: Bytes::from(data.into_vec()),
+                    ack: Some(tx),
+                });
+                let timeout = self.settings.request_timeout;
+                Box::pin(futures_util::stream::once(async move {
+                    match tokio::time::timeout(timeout, rx).await {
+                        Ok(Ok(bytes)) => Reply::ServerAck(Some(ByteBuf::from(bytes.to_vec()))),
+                        _ => Reply::ServerAck(None),
+                    }
+                }))
+            }
+            query => {
+                let handler = query.ns().and_then(|ns| self.ns_handler(ns));
+                match handler {
+                    Some(h) => h.answer(query),
+                    None => {
+                        let msg = format!(
+                            "namespace {} is not served by this node",
+                            query.ns().map(|s| s.as_str()).unwrap_or("?")
+                        );
+                        futures_util::stream::once(async move { Reply::Error(msg) }).boxed()
+                    }
+                }
+            }
+        }
+    }
+}

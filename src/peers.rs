@@ -1,0 +1,531 @@
+//! The peer table (sans-IO): who to dial, which connection carries a peer's traffic, when to
+//! retry. It takes `now` and events, and returns [`Action`]s; the driver in `mesh.rs` performs
+//! them. No sockets, no clock, no tasks here.
+//!
+//! # One connection per node pair
+//!
+//! A connection is *canonical* when the dialer's node id is lower than the acceptor's. Only
+//! canonical connections carry commands and requests, so both ends agree on the one connection
+//! without a race. Other connections (a higher node dialing a seed address, say) carry only
+//! gossip until the canonical one exists, then are closed. The lower node therefore dials every
+//! live higher member; a higher node reaches a lower one by gossip, which makes it dial back.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use socketioxide_core::Sid;
+
+/// A node id, as used in tables (the `Sid` inside a socketioxide `Uid`).
+pub(crate) type NodeId = Sid;
+
+use crate::transport::CloseCode;
+
+/// A connection id, unique in the process (given by the transport).
+pub(crate) type ConnId = u64;
+
+/// Something the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Dial this address.
+    Dial(SocketAddr),
+    /// Close this connection.
+    Close { conn: ConnId, code: CloseCode },
+    /// The connection carrying `node`'s commands and requests changed (`None`: none for now).
+    Route { node: NodeId, conn: Option<ConnId> },
+    /// Forget `node`: it died or left; drop its queue and fail what waits on it.
+    Forget { node: NodeId },
+}
+
+/// Exponential backoff with ±25% jitter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The delay after `failures` consecutive failures (1 = first failure); `jitter` in [0, 1).
+    pub(crate) fn delay(&self, failures: u32, jitter: f64) -> Duration {
+        let exp = failures.saturating_sub(1).min(20);
+        let base = self.min.saturating_mul(1u32 << exp).min(self.max);
+        let factor = 0.75 + 0.5 * jitter.clamp(0.0, 1.0);
+        base.mul_f64(factor)
+    }
+}
+
+#[derive(Debug)]
+struct Node {
+    addr: SocketAddr,
+    /// Listed live by membership.
+    live: bool,
+    canonical: Option<ConnId>,
+    /// Non-canonical connections (gossip only).
+    others: Vec<ConnId>,
+}
+
+#[derive(Debug)]
+struct Addr {
+    dialing: bool,
+    wanted: bool,
+    failures: u32,
+    next_attempt: Instant,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub(crate) struct PeerTable {
+    me: NodeId,
+    my_addr: SocketAddr,
+    backoff: Backoff,
+    max_addrs: usize,
+    nodes: HashMap<NodeId, Node>,
+    addrs: HashMap<SocketAddr, Addr>,
+    /// Which node each open connection belongs to.
+    conns: HashMap<ConnId, NodeId>,
+    actions: VecDeque<Action>,
+}
+
+impl PeerTable {
+    pub(crate) fn new(me: NodeId, my_addr: SocketAddr, backoff: Backoff, max_addrs: usize) -> Self {
+        Self {
+            me,
+            my_addr,
+            backoff,
+            max_addrs,
+            nodes: HashMap::new(),
+            addrs: HashMap::new(),
+            conns: HashMap::new(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Whether a connection dialed by `dialer` to `acceptor` is canonical.
+    pub(crate) fn is_canonical(dialer: NodeId, acceptor: NodeId) -> bool {
+        dialer < acceptor
+    }
+
+    fn i_dial(&self, node: NodeId) -> bool {
+        Self::is_canonical(self.me, node)
+    }
+
+    /// The full set of live members (without us), as membership sees it now.
+    pub(crate) fn set_live(&mut self, live: &[(NodeId, SocketAddr)]) {
+        let live_ids: HashMap<NodeId, SocketAddr> = live
+            .iter()
+            .copied()
+            .filter(|(id, _)| *id != self.me)
+            .collect();
+        let gone: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(id, n)| n.live && !live_ids.contains_key(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.forget(id, CloseCode::PeerDead);
+        }
+        for (id, addr) in live_ids {
+            let node = self.nodes.entry(id).or_insert(Node {
+                addr,
+                live: true,
+                canonical: None,
+                others: Vec::new(),
+            });
+            node.live = true;
+            node.addr = addr;
+        }
+    }
+
+    /// The node said goodbye (closed with "leaving"): forget it now, without waiting for
+    /// membership to notice.
+    pub(crate) fn departed(&mut self, id: NodeId) {
+        self.forget(id, CloseCode::Leaving);
+    }
+
+    fn forget(&mut self, id: NodeId, code: CloseCode) {
+        if let Some(node) = self.nodes.remove(&id) {
+            for conn in node.canonical.into_iter().chain(node.others) {
+                self.conns.remove(&conn);
+                self.actions.push_back(Action::Close { conn, code });
+            }
+            self.actions.push_back(Action::Forget { node: id });
+        }
+    }
+
+    /// A connection finished its handshake. `dialed` is true when we dialed it.
+    pub(crate) fn connected(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        node: NodeId,
+        addr: SocketAddr,
+        dialed: bool,
+    ) {
+        if dialed && let Some(a) = self.addrs.get_mut(&addr) {
+            a.dialing = false;
+            a.wanted = false;
+            a.failures = 0;
+            a.next_attempt = now;
+        }
+        let canonical = if dialed {
+            Self::is_canonical(self.me, node)
+        } else {
+            Self::is_canonical(node, self.me)
+        };
+        self.conns.insert(conn, node);
+        let entry = self.nodes.entry(node).or_insert(Node {
+            addr,
+            live: false,
+            canonical: None,
+            others: Vec::new(),
+        });
+        entry.addr = addr;
+        if canonical {
+            // The newest canonical connection wins: the dialer only dials when it has none,
+            // so an older one still open here is one the dialer already gave up.
+            if let Some(old) = entry.canonical.replace(conn) {
+                self.conns.remove(&old);
+                self.actions.push_back(Action::Close {
+                    conn: old,
+                    code: CloseCode::Replaced,
+                });
+            }
+            for other in std::mem::take(&mut entry.others) {
+                self.conns.remove(&other);
+                self.actions.push_back(Action::Close {
+                    conn: other,
+                    code: CloseCode::Replaced,
+                });
+            }
+            self.actions.push_back(Action::Route {
+                node,
+                conn: Some(conn),
+            });
+        } else if entry.canonical.is_some() {
+            // Gossip has the canonical connection already.
+            self.conns.remove(&conn);
+            self.actions.push_back(Action::Close {
+                conn,
+                code: CloseCode::Replaced,
+            });
+        } else {
+            entry.others.push(conn);
+        }
+    }
+
+    /// A connection closed (for any reason).
+    pub(crate) fn disconnected(&mut self, now: Instant, conn: ConnId) {
+        let Some(id) = self.conns.remove(&conn) else {
+            return;
+        };
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        node.others.retain(|c| *c != conn);
+        if node.canonical == Some(conn) {
+            node.canonical = None;
+            self.actions.push_back(Action::Route {
+                node: id,
+                conn: None,
+            });
+            let addr = node.addr;
+            let live = node.live;
+            if let Some(a) = self.addrs.get_mut(&addr) {
+                a.next_attempt = now + self.backoff.min;
+            }
+            if !live && node.others.is_empty() {
+                // Known only through that connection: nothing left to keep.
+                self.forget(id, CloseCode::PeerDead);
+            }
+        } else if !node.live && node.canonical.is_none() && node.others.is_empty() {
+            self.nodes.remove(&id);
+        }
+    }
+
+    /// A dial failed.
+    pub(crate) fn dial_failed(&mut self, now: Instant, addr: SocketAddr, jitter: f64) {
+        // A member we must dial is retried; a bare address only when wanted again.
+        let member = self
+            .nodes
+            .iter()
+            .any(|(id, n)| n.addr == addr && n.canonical.is_none() && self.i_dial(*id) && n.live);
+        if let Some(a) = self.addrs.get_mut(&addr) {
+            a.dialing = false;
+            a.wanted = member;
+            a.failures = a.failures.saturating_add(1);
+            a.next_attempt = now + self.backoff.delay(a.failures, jitter);
+        }
+    }
+
+    /// Gossip or a seed source wants a connection to `addr`.
+    pub(crate) fn want(&mut self, now: Instant, addr: SocketAddr) {
+        if addr == self.my_addr || self.has_conn_to(addr) {
+            return;
+        }
+        self.want_addr(now, addr);
+    }
+
+    fn want_addr(&mut self, now: Instant, addr: SocketAddr) {
+        if !self.addrs.contains_key(&addr) && self.addrs.len() >= self.max_addrs {
+            // Evict an idle entry; if none, skip this address (it will be wanted again).
+            let idle = self
+                .addrs
+                .iter()
+                .filter(|(_, a)| !a.dialing && !a.wanted)
+                .map(|(k, _)| *k)
+                .next();
+            match idle {
+                Some(k) => {
+                    self.addrs.remove(&k);
+                }
+                None => return,
+            }
+        }
+        let a = self.addrs.entry(addr).or_insert(Addr {
+            dialing: false,
+            wanted: false,
+            failures: 0,
+            next_attempt: now,
+        });
+        // A dial in flight answers the want already.
+        a.wanted = !a.dialing;
+    }
+
+    fn has_conn_to(&self, addr: SocketAddr) -> bool {
+        self.nodes
+            .values()
+            .any(|n| n.addr == addr && (n.canonical.is_some() || !n.others.is_empty()))
+    }
+
+    /// The next action to perform, if any.
+    #[must_use]
+    pub(crate) fn poll_action(&mut self, now: Instant) -> Option<Action> {
+        if let Some(a) = self.actions.pop_front() {
+            return Some(a);
+        }
+        // Members we must dial (we are the lower id) and have no canonical connection to.
+        let to_dial: Vec<SocketAddr> = self
+            .nodes
+            .iter()
+            .filter(|(id, n)| n.canonical.is_none() && self.i_dial(**id) && (n.live || !n.others.is_empty()))
+            .map(|(_, n)| n.addr)
+            .collect();
+        for addr in to_dial {
+            self.want_addr(now, addr);
+        }
+        let due = self
+            .addrs
+            .iter_mut()
+            .find(|(_, a)| a.wanted && !a.dialing && a.next_attempt <= now);
+        if let Some((addr, a)) = due {
+            a.wanted = false;
+            a.dialing = true;
+            return Some(Action::Dial(*addr));
+        }
+        None
+    }
+
+    /// When [`poll_action`](Self::poll_action) may have something new without any event.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.addrs
+            .values()
+            .filter(|a| a.wanted && !a.dialing)
+            .map(|a| a.next_attempt)
+            .min()
+    }
+
+    #[cfg(test)]
+    /// The canonical connection of a node.
+    pub(crate) fn route(&self, node: NodeId) -> Option<ConnId> {
+        self.nodes.get(&node).and_then(|n| n.canonical)
+    }
+
+    #[cfg(test)]
+    /// Number of addresses tracked for dialing (bounded by `max_addrs`).
+    pub(crate) fn num_addrs(&self) -> usize {
+        self.addrs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Two ids ordered: (low, high).
+    fn ids() -> (NodeId, NodeId) {
+        let (a, b) = (Sid::new(), Sid::new());
+        if PeerTable::is_canonical(a, b) { (a, b) } else { (b, a) }
+    }
+
+    fn table(me: NodeId) -> PeerTable {
+        PeerTable::new(me, addr(1), Backoff { min: 100 * MS, max: 1000 * MS }, 8)
+    }
+
+    fn drain(t: &mut PeerTable, now: Instant) -> Vec<Action> {
+        std::iter::from_fn(|| t.poll_action(now)).collect()
+    }
+
+    #[test]
+    fn lower_node_dials_live_higher_member_once() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(low);
+        t.set_live(&[(high, addr(2))]);
+        assert_eq!(drain(&mut t, now), vec![Action::Dial(addr(2))]);
+        // Dial in flight: no second dial.
+        t.set_live(&[(high, addr(2))]);
+        assert_eq!(drain(&mut t, now), vec![]);
+        t.connected(now, 7, high, addr(2), true);
+        assert_eq!(
+            drain(&mut t, now),
+            vec![Action::Route { node: high, conn: Some(7) }]
+        );
+        assert_eq!(t.route(high), Some(7));
+    }
+
+    #[test]
+    fn higher_node_waits_for_the_lower_one() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(high);
+        t.set_live(&[(low, addr(2))]);
+        assert_eq!(drain(&mut t, now), vec![]);
+        // The lower node dials us: canonical.
+        t.connected(now, 3, low, addr(2), false);
+        assert_eq!(drain(&mut t, now), vec![Action::Route { node: low, conn: Some(3) }]);
+    }
+
+    #[test]
+    fn non_canonical_connection_makes_the_lower_node_dial_back_then_closes() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(low);
+        // The higher node dialed our address (gossip to a seed): not canonical.
+        t.connected(now, 1, high, addr(2), false);
+        assert_eq!(drain(&mut t, now), vec![Action::Dial(addr(2))]);
+        t.connected(now, 2, high, addr(2), true);
+        assert_eq!(
+            drain(&mut t, now),
+            vec![
+                Action::Close { conn: 1, code: CloseCode::Replaced },
+                Action::Route { node: high, conn: Some(2) }
+            ]
+        );
+    }
+
+    #[test]
+    fn failed_dials_back_off_exponentially() {
+        let (low, high) = ids();
+        let t0 = Instant::now();
+        let mut t = table(low);
+        t.set_live(&[(high, addr(2))]);
+        assert_eq!(drain(&mut t, t0), vec![Action::Dial(addr(2))]);
+        t.dial_failed(t0, addr(2), 0.5);
+        assert_eq!(drain(&mut t, t0 + 99 * MS), vec![]);
+        assert_eq!(t.poll_timeout(), Some(t0 + 100 * MS));
+        assert_eq!(drain(&mut t, t0 + 100 * MS), vec![Action::Dial(addr(2))]);
+        t.dial_failed(t0 + 100 * MS, addr(2), 0.5);
+        assert_eq!(t.poll_timeout(), Some(t0 + 300 * MS));
+        // Capped at max.
+        let b = Backoff { min: 100 * MS, max: 1000 * MS };
+        assert_eq!(b.delay(30, 0.5), 1000 * MS);
+        assert_eq!(b.delay(1, 0.0), 75 * MS);
+        assert_eq!(b.delay(1, 0.999), Duration::from_secs_f64(0.1 * 1.2495));
+    }
+
+    #[test]
+    fn death_closes_connections_and_forgets() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(low);
+        t.set_live(&[(high, addr(2))]);
+        drain(&mut t, now);
+        t.connected(now, 5, high, addr(2), true);
+        drain(&mut t, now);
+        t.set_live(&[]);
+        assert_eq!(
+            drain(&mut t, now),
+            vec![
+                Action::Close { conn: 5, code: CloseCode::PeerDead },
+                Action::Forget { node: high }
+            ]
+        );
+        assert_eq!(t.route(high), None);
+    }
+
+    #[test]
+    fn lost_connection_to_live_member_is_redialed() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(low);
+        t.set_live(&[(high, addr(2))]);
+        drain(&mut t, now);
+        t.connected(now, 5, high, addr(2), true);
+        drain(&mut t, now);
+        t.disconnected(now, 5);
+        assert_eq!(drain(&mut t, now), vec![Action::Route { node: high, conn: None }]);
+        assert_eq!(drain(&mut t, now + 100 * MS), vec![Action::Dial(addr(2))]);
+    }
+
+    #[test]
+    fn newest_canonical_replaces_older_on_the_acceptor() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(high);
+        t.connected(now, 1, low, addr(2), false);
+        drain(&mut t, now);
+        t.connected(now, 2, low, addr(2), false);
+        assert_eq!(
+            drain(&mut t, now),
+            vec![
+                Action::Close { conn: 1, code: CloseCode::Replaced },
+                Action::Route { node: low, conn: Some(2) }
+            ]
+        );
+        // The replaced connection closing later changes nothing.
+        t.disconnected(now, 1);
+        assert_eq!(drain(&mut t, now), vec![]);
+        assert_eq!(t.route(low), Some(2));
+    }
+
+    #[test]
+    fn wanted_addresses_are_bounded_and_skip_self_and_connected() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(low);
+        t.want(now, addr(1)); // ourselves
+        assert_eq!(drain(&mut t, now), vec![]);
+        for port in 100..200 {
+            t.want(now, addr(port));
+        }
+        let dials = drain(&mut t, now);
+        assert_eq!(dials.len(), 8);
+        assert!(t.num_addrs() <= 8);
+        t.connected(now, 9, high, addr(150), true);
+        t.want(now, addr(150));
+        assert!(!drain(&mut t, now).contains(&Action::Dial(addr(150))));
+    }
+
+    #[test]
+    fn unknown_peer_forgotten_when_its_only_connection_closes() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(high);
+        t.connected(now, 1, low, addr(2), false);
+        drain(&mut t, now);
+        t.disconnected(now, 1);
+        assert_eq!(
+            drain(&mut t, now),
+            vec![Action::Route { node: low, conn: None }, Action::Forget { node: low }]
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! Peer transports: authenticated connections that carry *frames* on multiplexed *streams*.
+//!
+//! A transport knows nothing of messages: it moves length-delimited byte strings, enforces the
+//! frame size limit and authenticates peers (mutual TLS). The protocol on top lives in
+//! [`crate::wire`]. Every transport passes one test suite (`suite.rs`): the in-memory twin
+//! ([`mem`]), QUIC ([`quic`]).
+
+#[cfg(test)]
+pub(crate) mod mem;
+pub(crate) mod quic;
+#[cfg(test)]
+mod suite;
+
+use std::{fmt, net::SocketAddr};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// Application close codes, sent with a connection close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum CloseCode {
+    /// The node shuts down gracefully.
+    Leaving = 0,
+    /// The peer broke the protocol (malformed or oversize frame...).
+    Protocol = 1,
+    /// The handshake was refused.
+    Refused = 2,
+    /// The peer did not keep up with its command queue.
+    SlowPeer = 3,
+    /// A newer connection to the same peer replaced this one.
+    Replaced = 4,
+    /// Membership declared the peer dead.
+    PeerDead = 5,
+}
+
+impl CloseCode {
+    pub(crate) fn from_u32(code: u32) -> Option<Self> {
+        Some(match code {
+            0 => Self::Leaving,
+            1 => Self::Protocol,
+            2 => Self::Refused,
+            3 => Self::SlowPeer,
+            4 => Self::Replaced,
+            5 => Self::PeerDead,
+            _ => return None,
+        })
+    }
+}
+
+/// A transport failure. The message is meant for logs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TransportError {
+    /// The connection is closed; `code` is set when the peer or we closed it on purpose.
+    #[error("connection closed{}: {reason}", code.map(|c| format!(" ({c:?})")).unwrap_or_default())]
+    Closed {
+        code: Option<CloseCode>,
+        reason: String,
+    },
+    /// A frame is larger than the limit.
+    #[error("frame of {size} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge { size: u64, max: usize },
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// Connecting failed (unreachable, TLS refused, timeout...).
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The endpoint is closed.
+    #[error("endpoint closed")]
+    EndpointClosed,
+    /// Any other I/O failure on a stream.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Opens and accepts connections on one local address.
+#[async_trait]
+pub(crate) trait Transport: Send + Sync + 'static {
+    /// The bound address.
+    fn local_addr(&self) -> SocketAddr;
+    /// Dial a peer; returns once the (mutually authenticated) connection is up.
+    async fn connect(&self, addr: SocketAddr) -> Result<Box<dyn Connection>, TransportError>;
+    /// The next incoming connection; `Err(EndpointClosed)` once closed. Failed handshakes
+    /// (bad certificates) are logged inside and never returned.
+    async fn accept(&self) -> Result<Box<dyn Connection>, TransportError>;
+    /// Close the endpoint and every connection.
+    fn close(&self);
+}
+
+/// One authenticated connection to a peer.
+#[async_trait]
+pub(crate) trait Connection: Send + Sync + 'static {
+    /// A process-unique id.
+    fn id(&self) -> u64;
+    /// The remote socket address (not necessarily its advertised address).
+    fn remote_addr(&self) -> SocketAddr;
+    /// Open a bidirectional stream.
+    async fn open_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError>;
+    /// Accept the next bidirectional stream opened by the peer.
+    async fn accept_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError>;
+    /// Open a unidirectional stream.
+    async fn open_uni(&self) -> Result<Box<dyn FrameSend>, TransportError>;
+    /// Accept the next unidirectional stream opened by the peer.
+    async fn accept_uni(&self) -> Result<Box<dyn FrameRecv>, TransportError>;
+    /// Close the connection; pending streams fail at once on both sides.
+    fn close(&self, code: CloseCode, reason: &str);
+}
+
+impl fmt::Debug for dyn Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Connection#{}({})", self.id(), self.remote_addr())
+    }
+}
+
+/// The sending half of a stream.
+#[async_trait]
+pub(crate) trait FrameSend: Send + Sync + 'static {
+    /// Send one frame (waits for flow control).
+    async fn send(&mut self, frame: Bytes) -> Result<(), TransportError>;
+    /// Signal the end of the stream; frames sent before are still delivered.
+    fn finish(&mut self);
+}
+
+/// The receiving half of a stream.
+#[async_trait]
+pub(crate) trait FrameRecv: Send + Sync + 'static {
+    /// The next frame, or `None` when the peer finished the stream.
+    async fn recv(&mut self) -> Result<Option<Bytes>, TransportError>;
+}
+
+/// Settings every transport honours.
+#[derive(Debug, Clone)]
+pub(crate) struct TransportSettings {
+    pub max_frame_size: usize,
+    pub max_concurrent_streams: u32,
+    pub keep_alive_interval: std::time::Duration,
+    pub idle_timeout: std::time::Duration,
+    pub connect_timeout: std::time::Duration,
+}
+
+impl TransportSettings {
+    pub(crate) fn from_config(cfg: &crate::MeshConfig) -> Self {
+        Self {
+            max_frame_size: cfg.max_frame_size,
+            max_concurrent_streams: cfg.max_concurrent_streams,
+            keep_alive_interval: cfg.keep_alive_interval,
+            idle_timeout: cfg.idle_timeout,
+            connect_timeout: cfg.connect_timeout,
+        }
+    }
+}

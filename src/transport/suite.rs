@@ -1,0 +1,256 @@
+//! One test suite, run over every transport: frames, streams, limits, closing, authentication.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+
+use super::{
+    CloseCode, Transport, TransportError, TransportSettings,
+    mem::{MemIdentity, MemNetwork},
+    quic::QuicTransport,
+};
+use crate::tls::DevCa;
+
+/// Two trusted endpoints (the second with a small frame limit) and a rogue one.
+struct Trio {
+    a: Arc<dyn Transport>,
+    b_small: Arc<dyn Transport>,
+    rogue: Arc<dyn Transport>,
+}
+
+const SMALL: usize = 64 * 1024;
+const BIG: usize = 4 * 1024 * 1024;
+
+fn settings(max_frame: usize) -> TransportSettings {
+    TransportSettings {
+        max_frame_size: max_frame,
+        max_concurrent_streams: 1024,
+        keep_alive_interval: Duration::from_millis(200),
+        idle_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
+fn mem() -> Trio {
+    let net = MemNetwork::new();
+    let trusted = || MemIdentity {
+        issued_by: "cluster".into(),
+        trusts: "cluster".into(),
+    };
+    Trio {
+        a: Arc::new(net.bind(trusted(), BIG)),
+        b_small: Arc::new(net.bind(trusted(), SMALL)),
+        rogue: Arc::new(net.bind(
+            MemIdentity {
+                issued_by: "rogue".into(),
+                trusts: "cluster".into(),
+            },
+            BIG,
+        )),
+    }
+}
+
+fn quic() -> Trio {
+    let ca = DevCa::generate("suite CA").unwrap();
+    let rogue_ca = DevCa::generate("rogue CA").unwrap();
+    let local = "127.0.0.1:0".parse().unwrap();
+    Trio {
+        a: Arc::new(QuicTransport::bind(local, &ca.node_tls("a").unwrap(), settings(BIG)).unwrap()),
+        b_small: Arc::new(QuicTransport::bind(local, &ca.node_tls("b").unwrap(), settings(SMALL)).unwrap()),
+        rogue: Arc::new(
+            QuicTransport::bind(
+                local,
+                // Trusts the cluster CA, but its own certificate comes from another CA.
+                &{
+                    let rogue_node = rogue_ca.issue("rogue").unwrap();
+                    crate::TlsConfig::from_pem(
+                        ca.cert_pem().as_bytes(),
+                        rogue_node.cert_pem.as_bytes(),
+                        rogue_node.key_pem.as_bytes(),
+                    )
+                    .unwrap()
+                },
+                settings(BIG),
+            )
+            .unwrap(),
+        ),
+    }
+}
+
+async fn connect(from: &Arc<dyn Transport>, to: &Arc<dyn Transport>) -> (Arc<dyn super::Connection>, Arc<dyn super::Connection>) {
+    let (c, s) = tokio::join!(from.connect(to.local_addr()), async {
+        tokio::time::timeout(Duration::from_secs(5), to.accept()).await
+    });
+    (Arc::from(c.unwrap()), Arc::from(s.unwrap().unwrap()))
+}
+
+async fn frames_round_trip(t: Trio) {
+    let (client, server) = connect(&t.a, &t.b_small).await;
+    let echo = tokio::spawn(async move {
+        let (mut send, mut recv) = server.accept_bi().await.unwrap();
+        while let Some(frame) = recv.recv().await.unwrap() {
+            send.send(frame).await.unwrap();
+        }
+        send.finish();
+        server
+    });
+    let (mut send, mut recv) = client.open_bi().await.unwrap();
+    let frames = [
+        Bytes::new(),
+        Bytes::from_static(b"hello"),
+        Bytes::from(vec![7u8; SMALL]), // exactly the limit
+    ];
+    for f in &frames {
+        send.send(f.clone()).await.unwrap();
+    }
+    send.finish();
+    for f in &frames {
+        assert_eq!(recv.recv().await.unwrap().as_ref(), Some(f));
+    }
+    assert_eq!(recv.recv().await.unwrap(), None, "finish reads as end of stream");
+    let _server = echo.await.unwrap();
+}
+
+async fn many_streams_in_flight(t: Trio) {
+    let (client, server) = connect(&t.a, &t.b_small).await;
+    let server_task = tokio::spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..1000 {
+            let (mut send, mut recv) = server.accept_bi().await.unwrap();
+            tasks.spawn(async move {
+                let f = recv.recv().await.unwrap().unwrap();
+                // Answer out of order: later streams must not wait for earlier ones.
+                let n = u32::from_be_bytes(f[..4].try_into().unwrap());
+                tokio::time::sleep(Duration::from_micros(u64::from(1000 - n))).await;
+                send.send(f).await.unwrap();
+                send.finish();
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        server
+    });
+    let mut asks = tokio::task::JoinSet::new();
+    for n in 0u32..1000 {
+        let client = client.clone();
+        asks.spawn(async move {
+            let (mut send, mut recv) = client.open_bi().await.unwrap();
+            send.send(Bytes::copy_from_slice(&n.to_be_bytes())).await.unwrap();
+            send.finish();
+            let back = recv.recv().await.unwrap().unwrap();
+            assert_eq!(u32::from_be_bytes(back[..4].try_into().unwrap()), n);
+        });
+    }
+    while let Some(res) = asks.join_next().await {
+        res.unwrap();
+    }
+    let _server = server_task.await.unwrap();
+}
+
+async fn uni_stream_keeps_order(t: Trio) {
+    let (client, server) = connect(&t.a, &t.b_small).await;
+    let reader = tokio::spawn(async move {
+        let mut recv = server.accept_uni().await.unwrap();
+        let mut next = 0u32;
+        while let Some(f) = recv.recv().await.unwrap() {
+            assert_eq!(u32::from_be_bytes(f[..4].try_into().unwrap()), next);
+            next += 1;
+        }
+        (next, server)
+    });
+    let mut send = client.open_uni().await.unwrap();
+    for n in 0u32..10_000 {
+        send.send(Bytes::copy_from_slice(&n.to_be_bytes())).await.unwrap();
+    }
+    send.finish();
+    assert_eq!(reader.await.unwrap().0, 10_000);
+}
+
+async fn oversize_frames_are_refused(t: Trio) {
+    // The sender refuses what exceeds its own limit...
+    let (client, server) = connect(&t.b_small, &t.a).await;
+    let (mut send, _recv) = client.open_bi().await.unwrap();
+    let err = send.send(Bytes::from(vec![0u8; SMALL + 1])).await.unwrap_err();
+    assert!(matches!(err, TransportError::FrameTooLarge { .. }), "{err}");
+    drop((client, server));
+    // ...and the receiver refuses what exceeds its limit, whatever the sender's.
+    let (client, server) = connect(&t.a, &t.b_small).await;
+    let reader = tokio::spawn(async move {
+        let mut recv = server.accept_uni().await.unwrap();
+        let first = recv.recv().await;
+        (first, server)
+    });
+    let mut send = client.open_uni().await.unwrap();
+    // The sender may notice the refusal or not; only the receiver's verdict matters.
+    let _ = send.send(Bytes::from(vec![0u8; SMALL + 100])).await;
+    let (first, _server) = reader.await.unwrap();
+    assert!(
+        matches!(first, Err(TransportError::FrameTooLarge { size, max }) if size == (SMALL + 100) as u64 && max == SMALL),
+        "expected FrameTooLarge, got {:?}",
+        first.map(|f| f.map(|b| b.len()))
+    );
+}
+
+async fn close_reaches_peer_with_its_code(t: Trio) {
+    let (client, server) = connect(&t.a, &t.b_small).await;
+    let waiting = tokio::spawn(async move { server.accept_bi().await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    client.close(CloseCode::SlowPeer, "queue overflow");
+    let res = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+    match res {
+        Err(TransportError::Closed { code, reason }) => {
+            assert_eq!(code, Some(CloseCode::SlowPeer));
+            assert_eq!(reason, "queue overflow");
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+    // Streams of a closed connection fail at once.
+    assert!(client.open_bi().await.is_err());
+}
+
+async fn untrusted_peer_is_refused(t: Trio) {
+    let accepted = tokio::time::timeout(Duration::from_millis(1500), t.a.accept());
+    let attempt = async {
+        let conn = t.rogue.connect(t.a.local_addr()).await?;
+        // TLS 1.3: a refused client certificate shows at the first read, not at connect.
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.send(Bytes::from_static(b"hello?")).await?;
+        send.finish();
+        recv.recv().await
+    };
+    let (accepted, attempt) = tokio::join!(accepted, attempt);
+    assert!(attempt.is_err(), "the rogue peer could exchange a frame: {attempt:?}");
+    assert!(accepted.is_err(), "the endpoint accepted a connection from the rogue peer");
+}
+
+macro_rules! suite {
+    ($($transport:ident),*) => {$(
+        mod $transport {
+            #[tokio::test]
+            async fn frames_round_trip() {
+                super::frames_round_trip(super::$transport()).await
+            }
+            #[tokio::test]
+            async fn many_streams_in_flight() {
+                super::many_streams_in_flight(super::$transport()).await
+            }
+            #[tokio::test]
+            async fn uni_stream_keeps_order() {
+                super::uni_stream_keeps_order(super::$transport()).await
+            }
+            #[tokio::test]
+            async fn oversize_frames_are_refused() {
+                super::oversize_frames_are_refused(super::$transport()).await
+            }
+            #[tokio::test]
+            async fn close_reaches_peer_with_its_code() {
+                super::close_reaches_peer_with_its_code(super::$transport()).await
+            }
+            #[tokio::test]
+            async fn untrusted_peer_is_refused() {
+                super::untrusted_peer_is_refused(super::$transport()).await
+            }
+        }
+    )*};
+}
+
+suite!(mem, quic);

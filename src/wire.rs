@@ -1,0 +1,643 @@
+//! The peer protocol: message types and their MessagePack encoding (sans-IO).
+//!
+//! Transports carry *frames* (length-delimited byte strings, see [`crate::transport`]) on
+//! *streams*. This module gives those frames a meaning:
+//!
+//! ```text
+//! connection start   dialer opens a bidirectional stream:
+//!                      dialer  → Hello frame      = "SIOM" | u16 BE version | msgpack(Hello)
+//!                      dialer  ← HelloReply frame = "SIOM" | u16 BE version | msgpack(HelloReply)
+//!                    the peer is connected only once the Welcome reply is read.
+//! unidirectional     first frame UniHeader, then:
+//!   Commands{start}    ordered Command frames; the n-th frame after the header has sequence
+//!                      number start + n. Applied in order by the receiver.
+//!   Gossip             chitchat messages, one a frame (chitchat's own binary encoding).
+//! bidirectional      one request each: QueryHeader frame, Query frame →
+//!                    ← Reply frames, then the responder finishes the stream.
+//! ```
+//!
+//! Tags are explicit and **append-only**: never renumber or reuse one; add a new tag and bump
+//! [`PROTOCOL_VERSION`] only when old nodes could misread the new message.
+
+use std::{collections::VecDeque, net::SocketAddr};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de::DeserializeOwned};
+use serde_bytes::ByteBuf;
+use socketioxide_core::{
+    Sid, Str, Uid, Value,
+    adapter::{BroadcastOptions, RemoteSocketData, Room},
+    packet::{Packet, PacketData},
+};
+
+use crate::error::PeerError;
+
+/// The first bytes of every handshake frame.
+pub(crate) const MAGIC: [u8; 4] = *b"SIOM";
+/// The version of this protocol. Nodes refuse peers with another version.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// A handshake frame is small: anything bigger is refused before decoding.
+pub(crate) const MAX_HELLO_SIZE: usize = 4096;
+
+/// Who a node is: sent by both sides when a connection starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Hello {
+    pub cluster_id: String,
+    pub node_id: Uid,
+    pub advertise_addr: SocketAddr,
+    pub transport: String,
+}
+
+/// The acceptor's answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum HelloReply {
+    #[serde(rename = "0")]
+    Welcome(Hello),
+    #[serde(rename = "1")]
+    Refused(String),
+}
+
+/// First frame of a unidirectional stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum UniHeader {
+    #[serde(rename = "0")]
+    Commands { start_seq: u64 },
+    #[serde(rename = "1")]
+    Gossip,
+}
+
+/// First frame of a query stream: the query is answered only once the responder has applied
+/// `after_seq` commands from the requester, so a query sees the effect of every command the
+/// requester sent before it (`join` then `fetch_sockets` in that room works across nodes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct QueryHeader {
+    pub after_seq: u64,
+}
+
+/// An operation with no answer, applied in order on the command stream (decoding side; see
+/// [`CommandRef`] for encoding).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub(crate) enum Command {
+    #[serde(rename = "0")]
+    Broadcast {
+        ns: Str,
+        opts: BroadcastOptions,
+        packet: WirePacket,
+    },
+    #[serde(rename = "1")]
+    AddSockets {
+        ns: Str,
+        opts: BroadcastOptions,
+        rooms: Vec<Room>,
+    },
+    #[serde(rename = "2")]
+    DelSockets {
+        ns: Str,
+        opts: BroadcastOptions,
+        rooms: Vec<Room>,
+    },
+    #[serde(rename = "3")]
+    DisconnectSockets { ns: Str, opts: BroadcastOptions },
+    /// A server-side event for the handlers registered with [`crate::Mesh::on_server_event`].
+    #[serde(rename = "4")]
+    ServerEvent { event: String, data: ByteBuf },
+}
+
+impl Command {
+    pub(crate) fn ns(&self) -> Option<&Str> {
+        match self {
+            Command::Broadcast { ns, .. }
+            | Command::AddSockets { ns, .. }
+            | Command::DelSockets { ns, .. }
+            | Command::DisconnectSockets { ns, .. } => Some(ns),
+            Command::ServerEvent { .. } => None,
+        }
+    }
+}
+
+/// The encoding side of [`Command`]: borrows, so a broadcast encodes its packet without a copy.
+/// Same tags, same layout.
+#[derive(Serialize)]
+pub(crate) enum CommandRef<'a> {
+    #[serde(rename = "0")]
+    Broadcast {
+        ns: &'a str,
+        opts: &'a BroadcastOptions,
+        packet: PacketRef<'a>,
+    },
+    #[serde(rename = "1")]
+    AddSockets {
+        ns: &'a str,
+        opts: &'a BroadcastOptions,
+        rooms: &'a [Room],
+    },
+    #[serde(rename = "2")]
+    DelSockets {
+        ns: &'a str,
+        opts: &'a BroadcastOptions,
+        rooms: &'a [Room],
+    },
+    #[serde(rename = "3")]
+    DisconnectSockets { ns: &'a str, opts: &'a BroadcastOptions },
+    #[serde(rename = "4")]
+    ServerEvent {
+        event: &'a str,
+        data: &'a serde_bytes::Bytes,
+    },
+}
+
+/// The encoding side of [`Query`].
+#[derive(Serialize)]
+pub(crate) enum QueryRef<'a> {
+    #[serde(rename = "0")]
+    FetchSockets { ns: &'a str, opts: &'a BroadcastOptions },
+    #[serde(rename = "1")]
+    Rooms { ns: &'a str, opts: &'a BroadcastOptions },
+    #[serde(rename = "2")]
+    BroadcastWithAck {
+        ns: &'a str,
+        opts: &'a BroadcastOptions,
+        packet: PacketRef<'a>,
+        timeout_ms: Option<u64>,
+    },
+    #[serde(rename = "3")]
+    ServerEventWithAck {
+        event: &'a str,
+        data: &'a serde_bytes::Bytes,
+    },
+}
+
+/// An operation that gets answers, on its own bidirectional stream (decoding side; see
+/// [`QueryRef`] for encoding).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub(crate) enum Query {
+    #[serde(rename = "0")]
+    FetchSockets { ns: Str, opts: BroadcastOptions },
+    #[serde(rename = "1")]
+    Rooms { ns: Str, opts: BroadcastOptions },
+    #[serde(rename = "2")]
+    BroadcastWithAck {
+        ns: Str,
+        opts: BroadcastOptions,
+        packet: WirePacket,
+        timeout_ms: Option<u64>,
+    },
+    #[serde(rename = "3")]
+    ServerEventWithAck { event: String, data: ByteBuf },
+}
+
+impl Query {
+    pub(crate) fn ns(&self) -> Option<&Str> {
+        match self {
+            Query::FetchSockets { ns, .. }
+            | Query::Rooms { ns, .. }
+            | Query::BroadcastWithAck { ns, .. } => Some(ns),
+            Query::ServerEventWithAck { .. } => None,
+        }
+    }
+}
+
+/// An answer frame on a query stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Reply {
+    #[serde(rename = "0")]
+    Sockets(Vec<RemoteSocketData>),
+    #[serde(rename = "1")]
+    Rooms(Vec<Room>),
+    /// How many acks follow on this stream.
+    #[serde(rename = "2")]
+    AckCount(u32),
+    /// One socket's ack: its value, or the socket's ack error encoded in MessagePack.
+    #[serde(rename = "3")]
+    Ack {
+        sid: Sid,
+        result: Result<WireValue, ByteBuf>,
+    },
+    /// The responder could not answer (e.g. it does not serve the namespace).
+    #[serde(rename = "4")]
+    Error(String),
+    /// The answer of a server-side event handler (MessagePack), or `None` if it gave none.
+    #[serde(rename = "5")]
+    ServerAck(Option<ByteBuf>),
+}
+
+/// A socket.io [`Packet`] encoded compactly: binary data travel as MessagePack `bin`, not as
+/// arrays of integers as socketioxide-core's own serde encoding does.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct WirePacket(pub Packet);
+
+/// A [`Value`] with the same compact encoding as [`WirePacket`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct WireValue(pub Value);
+
+/// Serializes a borrowed [`Value`] like [`WireValue`].
+pub(crate) struct WireValueRef<'a>(pub &'a Value);
+
+impl Serialize for WireValue {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        WireValueRef(&self.0).serialize(s)
+    }
+}
+
+impl Serialize for WireValueRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Str(text, bins) => {
+                let bins: Option<Vec<&serde_bytes::Bytes>> = bins
+                    .as_ref()
+                    .map(|b| b.iter().map(|b| serde_bytes::Bytes::new(b)).collect());
+                (0u8, serde_bytes::Bytes::new(text.as_bytes()), bins).serialize(s)
+            }
+            Value::Bytes(data) => (1u8, serde_bytes::Bytes::new(data), None::<()>).serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WireValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (tag, data, bins): (u8, ByteBuf, Option<Vec<ByteBuf>>) = Deserialize::deserialize(d)?;
+        let value = match tag {
+            0 => {
+                let text = String::from_utf8(data.into_vec()).map_err(serde::de::Error::custom)?;
+                let bins = bins.map(|b| {
+                    b.into_iter()
+                        .map(|b| Bytes::from(b.into_vec()))
+                        .collect::<VecDeque<_>>()
+                });
+                Value::Str(Str::from(text), bins)
+            }
+            1 => Value::Bytes(Bytes::from(data.into_vec())),
+            t => return Err(serde::de::Error::custom(format!("unknown value tag {t}"))),
+        };
+        Ok(WireValue(value))
+    }
+}
+
+/// Serializes a borrowed [`Packet`] like [`WirePacket`] (no copy of the payload).
+#[derive(Clone, Copy)]
+pub(crate) struct PacketRef<'a>(pub &'a Packet);
+
+impl Serialize for WirePacket {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        PacketRef(&self.0).serialize(s)
+    }
+}
+
+impl Serialize for PacketRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let p = self.0;
+        let wv = WireValueRef;
+        let (ty, data, ack, error): (u8, Option<WireValueRef<'_>>, Option<i64>, Option<&str>) = match &p.inner {
+            PacketData::Connect(v) => (0, v.as_ref().map(wv), None, None),
+            PacketData::Disconnect => (1, None, None, None),
+            PacketData::Event(v, ack) => (2, Some(wv(v)), *ack, None),
+            PacketData::EventAck(v, ack) => (3, Some(wv(v)), Some(*ack), None),
+            PacketData::ConnectError(e) => (4, None, None, Some(e.as_str())),
+            PacketData::BinaryEvent(v, ack) => (5, Some(wv(v)), *ack, None),
+            PacketData::BinaryAck(v, ack) => (6, Some(wv(v)), Some(*ack), None),
+        };
+        (p.ns.as_str(), ty, data, ack, error).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for WirePacket {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        type Raw = (String, u8, Option<WireValue>, Option<i64>, Option<String>);
+        let (ns, ty, data, ack, error): Raw = Deserialize::deserialize(d)?;
+        let missing = |f: &str| serde::de::Error::custom(format!("packet type {ty} without {f}"));
+        let value = data.map(|v| v.0);
+        let need = |v: Option<Value>| v.ok_or_else(|| missing("data"));
+        let inner = match ty {
+            0 => PacketData::Connect(value),
+            1 => PacketData::Disconnect,
+            2 => PacketData::Event(need(value)?, ack),
+            3 => PacketData::EventAck(need(value)?, ack.ok_or_else(|| missing("ack"))?),
+            4 => PacketData::ConnectError(error.ok_or_else(|| missing("error"))?),
+            5 => PacketData::BinaryEvent(need(value)?, ack),
+            6 => PacketData::BinaryAck(need(value)?, ack.ok_or_else(|| missing("ack"))?),
+            t => return Err(serde::de::Error::custom(format!("unknown packet type {t}"))),
+        };
+        Ok(WirePacket(Packet {
+            inner,
+            ns: Str::from(ns),
+        }))
+    }
+}
+
+/// Encode a message. Fails only on values serde cannot represent (never for our types).
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Bytes, crate::Error> {
+    rmp_serde::to_vec(msg)
+        .map(Bytes::from)
+        .map_err(|e| crate::Error::Encode(e.to_string()))
+}
+
+/// Decode a message from an untrusted frame.
+pub(crate) fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, PeerError> {
+    rmp_serde::from_slice(frame).map_err(|e| PeerError::Malformed(e.to_string()))
+}
+
+fn hello_frame<T: Serialize>(msg: &T) -> Result<Bytes, crate::Error> {
+    let body = rmp_serde::to_vec(msg).map_err(|e| crate::Error::Encode(e.to_string()))?;
+    let mut out = BytesMut::with_capacity(6 + body.len());
+    out.put_slice(&MAGIC);
+    out.put_u16(PROTOCOL_VERSION);
+    out.put_slice(&body);
+    Ok(out.freeze())
+}
+
+/// Check magic and version, return the msgpack body.
+fn hello_body(frame: &[u8]) -> Result<&[u8], PeerError> {
+    if frame.len() > MAX_HELLO_SIZE {
+        return Err(PeerError::FrameTooLarge {
+            size: frame.len() as u64,
+            max: MAX_HELLO_SIZE,
+        });
+    }
+    if frame.len() < 6 || frame[..4] != MAGIC {
+        return Err(PeerError::BadMagic);
+    }
+    let version = u16::from_be_bytes([frame[4], frame[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(PeerError::Version {
+            theirs: version,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    Ok(&frame[6..])
+}
+
+pub(crate) fn encode_hello(hello: &Hello) -> Result<Bytes, crate::Error> {
+    hello_frame(hello)
+}
+
+pub(crate) fn decode_hello(frame: &[u8]) -> Result<Hello, PeerError> {
+    decode(hello_body(frame)?)
+}
+
+pub(crate) fn encode_hello_reply(reply: &HelloReply) -> Result<Bytes, crate::Error> {
+    hello_frame(reply)
+}
+
+pub(crate) fn decode_hello_reply(frame: &[u8]) -> Result<HelloReply, PeerError> {
+    decode(hello_body(frame)?)
+}
+
+/// Validate a peer's hello against ours: same cluster, same transport, not ourselves.
+pub(crate) fn check_hello(ours: &Hello, theirs: &Hello) -> Result<(), PeerError> {
+    if theirs.cluster_id != ours.cluster_id {
+        return Err(PeerError::Cluster {
+            theirs: theirs.cluster_id.clone(),
+            ours: ours.cluster_id.clone(),
+        });
+    }
+    if theirs.transport != ours.transport {
+        return Err(PeerError::TransportKind {
+            theirs: theirs.transport.clone(),
+            ours: ours.transport.clone(),
+        });
+    }
+    if theirs.node_id == ours.node_id {
+        return Err(PeerError::SelfConnect);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use socketioxide_core::adapter::BroadcastFlags;
+
+    fn opts() -> BroadcastOptions {
+        let mut opts = BroadcastOptions::new(Sid::new());
+        opts.rooms.push("r1".into());
+        opts.except.push("r2".into());
+        opts.server_id = Some(Uid::new());
+        opts.add_flag(BroadcastFlags::Broadcast);
+        opts.add_flag(BroadcastFlags::Volatile);
+        opts
+    }
+
+    fn values() -> Vec<Value> {
+        vec![
+            Value::Str("[\"ev\",{\"a\":1}]".into(), None),
+            Value::Str(
+                "[\"ev\",{\"_placeholder\":true,\"num\":0}]".into(),
+                Some(vec![Bytes::from_static(&[0, 255, 128, 7])].into()),
+            ),
+            Value::Bytes(Bytes::from_static(&[0x93, 0xa2, 0x65, 0x76, 0xc4, 0x02, 0xff, 0x00])),
+        ]
+    }
+
+    fn packets() -> Vec<Packet> {
+        let mut out = vec![
+            Packet::connect("/", None),
+            Packet::connect("/admin", Some(Value::Str("{}".into(), None))),
+            Packet::disconnect("/"),
+            Packet::connect_error("/", "nope"),
+        ];
+        for v in values() {
+            out.push(Packet::event("/", v.clone()));
+            out.push(Packet::ack("/chat", v.clone(), 42));
+            let mut p = Packet::event("/", v);
+            p.inner.set_ack_id(7);
+            out.push(p);
+        }
+        out
+    }
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T) {
+        let bytes = encode(&msg).unwrap();
+        let back: T = decode(&bytes).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    /// Encode with the borrowing type, decode with the owned one: the production path.
+    fn encodes_as<R: Serialize, T: DeserializeOwned + PartialEq + std::fmt::Debug>(r: R, expected: T) {
+        let bytes = encode(&r).unwrap();
+        let back: T = decode(&bytes).unwrap();
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn every_command_round_trips() {
+        let o = opts();
+        for p in packets() {
+            encodes_as(
+                CommandRef::Broadcast {
+                    ns: "/",
+                    opts: &o,
+                    packet: PacketRef(&p),
+                },
+                Command::Broadcast {
+                    ns: "/".into(),
+                    opts: o.clone(),
+                    packet: WirePacket(p.clone()),
+                },
+            );
+        }
+        let rooms: Vec<Room> = vec!["a".into(), "b".into()];
+        encodes_as(
+            CommandRef::AddSockets { ns: "/", opts: &o, rooms: &rooms },
+            Command::AddSockets { ns: "/".into(), opts: o.clone(), rooms: rooms.clone() },
+        );
+        let none = BroadcastOptions::default();
+        encodes_as(
+            CommandRef::DelSockets { ns: "/x", opts: &none, rooms: &[] },
+            Command::DelSockets { ns: "/x".into(), opts: none.clone(), rooms: vec![] },
+        );
+        encodes_as(
+            CommandRef::DisconnectSockets { ns: "/", opts: &o },
+            Command::DisconnectSockets { ns: "/".into(), opts: o.clone() },
+        );
+        encodes_as(
+            CommandRef::ServerEvent {
+                event: "cache:invalidate",
+                data: serde_bytes::Bytes::new(&[1, 2, 3]),
+            },
+            Command::ServerEvent {
+                event: "cache:invalidate".into(),
+                data: ByteBuf::from(vec![1, 2, 3]),
+            },
+        );
+    }
+
+    #[test]
+    fn every_query_and_reply_round_trips() {
+        let o = opts();
+        encodes_as(
+            QueryRef::FetchSockets { ns: "/", opts: &o },
+            Query::FetchSockets { ns: "/".into(), opts: o.clone() },
+        );
+        encodes_as(
+            QueryRef::Rooms { ns: "/", opts: &o },
+            Query::Rooms { ns: "/".into(), opts: o.clone() },
+        );
+        for p in packets() {
+            encodes_as(
+                QueryRef::BroadcastWithAck {
+                    ns: "/",
+                    opts: &o,
+                    packet: PacketRef(&p),
+                    timeout_ms: Some(1500),
+                },
+                Query::BroadcastWithAck {
+                    ns: "/".into(),
+                    opts: o.clone(),
+                    packet: WirePacket(p.clone()),
+                    timeout_ms: Some(1500),
+                },
+            );
+        }
+        encodes_as(
+            QueryRef::ServerEventWithAck { event: "e", data: serde_bytes::Bytes::new(&[0xc0]) },
+            Query::ServerEventWithAck { event: "e".into(), data: ByteBuf::from(vec![0xc0]) },
+        );
+        round_trip(Reply::Sockets(vec![RemoteSocketData {
+            id: Sid::new(),
+            server_id: Uid::new(),
+            ns: "/".into(),
+        }]));
+        round_trip(Reply::Rooms(vec!["a".into(), "b".into()]));
+        round_trip(Reply::AckCount(3));
+        for v in values() {
+            round_trip(Reply::Ack {
+                sid: Sid::new(),
+                result: Ok(WireValue(v)),
+            });
+        }
+        round_trip(Reply::Ack {
+            sid: Sid::new(),
+            result: Err(ByteBuf::from(vec![0xa7])),
+        });
+        round_trip(Reply::Error("not served".into()));
+        round_trip(Reply::ServerAck(Some(ByteBuf::from(vec![1]))));
+        round_trip(Reply::ServerAck(None));
+        round_trip(UniHeader::Commands { start_seq: 99 });
+        round_trip(UniHeader::Gossip);
+        round_trip(QueryHeader { after_seq: u64::MAX });
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            cluster_id: "c".into(),
+            node_id: Uid::new(),
+            advertise_addr: "127.0.0.1:7800".parse().unwrap(),
+            transport: "quic".into(),
+        }
+    }
+
+    #[test]
+    fn hello_round_trip_and_checks() {
+        let h = hello();
+        assert_eq!(decode_hello(&encode_hello(&h).unwrap()).unwrap(), h);
+        let reply = HelloReply::Welcome(h.clone());
+        assert_eq!(decode_hello_reply(&encode_hello_reply(&reply).unwrap()).unwrap(), reply);
+        let refused = HelloReply::Refused("why".into());
+        assert_eq!(decode_hello_reply(&encode_hello_reply(&refused).unwrap()).unwrap(), refused);
+
+        let mut other = hello();
+        assert!(check_hello(&h, &other).is_ok());
+        other.cluster_id = "d".into();
+        assert!(matches!(check_hello(&h, &other), Err(PeerError::Cluster { .. })));
+        let mut other = hello();
+        other.transport = "ws".into();
+        assert!(matches!(check_hello(&h, &other), Err(PeerError::TransportKind { .. })));
+        assert_eq!(check_hello(&h, &h), Err(PeerError::SelfConnect));
+    }
+
+    #[test]
+    fn hello_refuses_foreign_or_future_frames() {
+        let mut frame = encode_hello(&hello()).unwrap().to_vec();
+        frame[5] = 9; // version 9
+        assert_eq!(
+            decode_hello(&frame),
+            Err(PeerError::Version {
+                theirs: 9,
+                ours: PROTOCOL_VERSION
+            })
+        );
+        assert_eq!(decode_hello(b"GET / HTTP/1.1\r\n"), Err(PeerError::BadMagic));
+        assert_eq!(decode_hello(b"SIO"), Err(PeerError::BadMagic));
+        let big = [MAGIC.as_slice(), &[0; MAX_HELLO_SIZE]].concat();
+        assert!(matches!(decode_hello(&big), Err(PeerError::FrameTooLarge { .. })));
+        let mut truncated = encode_hello(&hello()).unwrap().to_vec();
+        truncated.truncate(truncated.len() - 3);
+        assert!(matches!(decode_hello(&truncated), Err(PeerError::Malformed(_))));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // Deterministic pseudo-random inputs and every truncation of real frames.
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for len in 0..512 {
+            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let _ = decode::<Command>(&bytes);
+            let _ = decode::<Query>(&bytes);
+            let _ = decode::<Reply>(&bytes);
+            let _ = decode_hello(&bytes);
+        }
+        let (o, p) = (opts(), packets().pop().unwrap());
+        let frame = encode(&CommandRef::Broadcast {
+            ns: "/",
+            opts: &o,
+            packet: PacketRef(&p),
+        })
+        .unwrap();
+        for cut in 0..frame.len() {
+            assert!(decode::<Command>(&frame[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn binary_payloads_are_not_inflated() {
+        let payload = Bytes::from(vec![0xffu8; 10_000]);
+        let frame = encode(&WireValue(Value::Bytes(payload))).unwrap();
+        assert!(frame.len() < 10_016, "{} bytes", frame.len());
+    }
+}

@@ -1,0 +1,168 @@
+//! Test harness: real mesh nodes (QUIC + mTLS on 127.0.0.1, port 0), each serving Socket.IO
+//! over HTTP with axum, and helpers to wait for events instead of sleeping.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use serde_json::Value;
+use socketioxide::{
+    SocketIo,
+    adapter::Emitter,
+    extract::{AckSender, Data, SocketRef},
+    handler::ConnectHandler,
+};
+use socketioxide_mesh::{DevCa, Mesh, MeshAdapter, MeshConfig, StaticSeeds};
+
+pub use crate::client::{Client, WAIT};
+
+pub type A = MeshAdapter<Emitter>;
+pub const NAMESPACES: [&str; 2] = ["/", "/admin"];
+
+/// Install a log subscriber once (set `RUST_LOG=socketioxide_mesh=debug` to see it).
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// One node: a mesh, a Socket.IO server on it, an HTTP listener.
+pub struct Node {
+    pub mesh: Mesh,
+    pub io: SocketIo<A>,
+    pub http: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl Node {
+    pub async fn client(&self, namespaces: &[&str]) -> anyhow::Result<Client> {
+        Client::connect(self.http, namespaces).await
+    }
+
+    /// Stop gracefully (tell peers we leave).
+    pub async fn shutdown(self) {
+        self.mesh.shutdown().await;
+    }
+}
+
+/// Handlers every test node registers, in a connect *middleware*: socketioxide 0.18 answers
+/// the client's connect before an (async) connect handler runs, so handlers registered there
+/// could miss the client's first events. Middlewares run before the answer.
+pub async fn register_handlers(s: SocketRef<A>) -> Result<(), std::convert::Infallible> {
+    s.on("join", async |s: SocketRef<A>, Data(room): Data<String>, ack: AckSender<A>| {
+        s.join(room);
+        let _ = ack.send("joined");
+    });
+    s.on("leave", async |s: SocketRef<A>, Data(room): Data<String>, ack: AckSender<A>| {
+        s.leave(room);
+        let _ = ack.send("left");
+    });
+    s.on("echo", async |Data(v): Data<Value>, ack: AckSender<A>| {
+        let _ = ack.send(&v);
+    });
+    Ok(())
+}
+
+/// `?` for socketioxide's errors, which are not `Sync` (so not `anyhow` compatible).
+pub trait Sio<T> {
+    fn sio(self) -> anyhow::Result<T>;
+}
+
+impl<T, E: std::fmt::Display> Sio<T> for Result<T, E> {
+    fn sio(self) -> anyhow::Result<T> {
+        self.map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+pub fn config(ca: &DevCa, name: &str, seeds: &[SocketAddr]) -> MeshConfig {
+    MeshConfig::local(ca.node_tls(name).expect("node certificate"))
+        .with_cluster_id("test-cluster")
+        .with_seeds(StaticSeeds::new(seeds.iter().map(|s| s.to_string())))
+}
+
+pub async fn start_node(config: MeshConfig) -> anyhow::Result<Node> {
+    let mesh = Mesh::start(config).await?;
+    serve(mesh).await
+}
+
+/// Serve Socket.IO on an existing mesh.
+pub async fn serve(mesh: Mesh) -> anyhow::Result<Node> {
+    let (layer, io) = SocketIo::builder()
+        .ack_timeout(Duration::from_secs(30))
+        .max_buffer_size(4096)
+        .with_adapter::<A>(mesh.clone())
+        .build_layer();
+    for ns in NAMESPACES {
+        io.ns(ns, (async || {}).with(register_handlers)).await?;
+    }
+    let app = axum::Router::new().layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.ok();
+    });
+    Ok(Node {
+        mesh,
+        io,
+        http,
+        server,
+    })
+}
+
+/// Wait until every node lists every other one as a member serving every test namespace.
+pub async fn converge(nodes: &[&Node]) -> anyhow::Result<()> {
+    let want = nodes.len() - 1;
+    for node in nodes {
+        let mut members = node.mesh.watch_members();
+        tokio::time::timeout(
+            WAIT,
+            members.wait_for(|m| {
+                m.len() == want && m.iter().all(|m| NAMESPACES.iter().all(|ns| m.serves(ns)))
+            }),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "node {} sees {:?}",
+                node.mesh.node_id(),
+                node.mesh.members()
+            )
+        })??;
+    }
+    Ok(())
+}
+
+/// A cluster of `n` nodes from one CA; node i>0 seeds from node 0.
+pub struct Cluster {
+    pub ca: Arc<DevCa>,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    pub async fn start(n: usize) -> anyhow::Result<Cluster> {
+        Self::start_with(n, |c| c).await
+    }
+
+    pub async fn start_with(n: usize, tweak: impl Fn(MeshConfig) -> MeshConfig) -> anyhow::Result<Cluster> {
+        logs();
+        let ca = Arc::new(DevCa::generate("test CA")?);
+        let first = start_node(tweak(config(&ca, "node-0", &[]))).await?;
+        let seed = first.mesh.advertise_addr();
+        let mut nodes = vec![first];
+        for i in 1..n {
+            nodes.push(start_node(tweak(config(&ca, &format!("node-{i}"), &[seed]))).await?);
+        }
+        converge(&nodes.iter().collect::<Vec<_>>()).await?;
+        Ok(Cluster { ca, nodes })
+    }
+
+    pub fn seed(&self) -> SocketAddr {
+        self.nodes[0].mesh.advertise_addr()
+    }
+}
