@@ -315,6 +315,8 @@ impl Driver {
             let link = self.ensure_link(*m.node_id);
             *link.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
         }
+        // Apply deaths before publishing, so watchers see links and members agree.
+        self.run_actions();
         let before = self.shared.members_tx.borrow().len();
         if before != members.len() {
             info!(members = members.len() + 1, "mesh membership changed");

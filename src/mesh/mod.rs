@@ -82,7 +82,8 @@ pub struct MeshStats {
     pub slow_peer_cutoffs: u64,
     /// Connections closed because the peer broke the protocol (malformed or oversize frame...).
     pub protocol_errors: u64,
-    /// Incoming handshakes refused (wrong cluster, version, magic...).
+    /// Incoming connections refused: by TLS (certificate missing or not from the cluster CA)
+    /// or by the mesh handshake (wrong cluster, version, magic...).
     pub handshakes_refused: u64,
     /// Requests sent (fetch_sockets, rooms, broadcast with ack, server events with ack).
     pub requests: u64,
@@ -361,7 +362,7 @@ impl Mesh {
             volatile_dropped: l(&s.volatile_dropped),
             slow_peer_cutoffs: l(&s.slow_peer_cutoffs),
             protocol_errors: l(&s.protocol_errors),
-            handshakes_refused: l(&s.handshakes_refused),
+            handshakes_refused: l(&s.handshakes_refused) + self.shared.transport.handshake_failures(),
             requests: l(&s.requests),
             request_peer_failures: l(&s.request_peer_failures),
             queries_answered: l(&s.queries_answered),

@@ -86,6 +86,11 @@ pub(crate) trait Transport: Send + Sync + 'static {
     async fn accept(&self) -> Result<Box<dyn Connection>, TransportError>;
     /// Close the endpoint and every connection.
     fn close(&self);
+    /// Incoming connections refused during the transport handshake (bad or missing
+    /// certificate, timeout) since the endpoint opened.
+    fn handshake_failures(&self) -> u64 {
+        0
+    }
 }
 
 /// One authenticated connection to a peer.

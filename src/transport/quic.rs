@@ -39,6 +39,7 @@ pub(crate) struct QuicTransport {
     server_name: String,
     settings: TransportSettings,
     accepted_rx: Mutex<mpsc::Receiver<QuicConn>>,
+    refused: Arc<AtomicU64>,
     /// Owns the accept task; aborted when the transport is dropped.
     _accept_task: tokio::task::JoinHandle<()>,
 }
@@ -98,11 +99,13 @@ impl QuicTransport {
             reason: e.to_string(),
         })?;
         let (tx, rx) = mpsc::channel(MAX_PENDING_HANDSHAKES);
+        let refused = Arc::new(AtomicU64::new(0));
         let accept_task = tokio::spawn(accept_loop(
             endpoint.clone(),
             tx,
             settings.connect_timeout,
             settings.max_frame_size,
+            refused.clone(),
         ));
         Ok(Self {
             endpoint,
@@ -110,6 +113,7 @@ impl QuicTransport {
             server_name: tls.server_name().to_owned(),
             settings,
             accepted_rx: Mutex::new(rx),
+            refused,
             _accept_task: accept_task,
         })
     }
@@ -130,6 +134,7 @@ async fn accept_loop(
     tx: mpsc::Sender<QuicConn>,
     timeout: std::time::Duration,
     max_frame: usize,
+    refused: Arc<AtomicU64>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     let mut handshakes = JoinSet::new();
@@ -145,6 +150,7 @@ async fn accept_loop(
             continue;
         };
         let tx = tx.clone();
+        let refused = refused.clone();
         handshakes.spawn(async move {
             let _permit = permit;
             let remote = incoming.remote_address();
@@ -155,8 +161,14 @@ async fn accept_loop(
                         debug!("transport dropped, discarding accepted connection");
                     }
                 }
-                Ok(Err(e)) => warn!(%remote, error = %e, "refused inbound peer connection (tls handshake failed)"),
-                Err(_) => warn!(%remote, "inbound peer handshake timed out"),
+                Ok(Err(e)) => {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, error = %e, "refused inbound peer connection (tls handshake failed)");
+                }
+                Err(_) => {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, "inbound peer handshake timed out");
+                }
             }
         });
     }
@@ -190,6 +202,10 @@ impl Transport for QuicTransport {
     fn close(&self) {
         self.endpoint
             .close(VarInt::from_u32(CloseCode::Leaving as u32), b"node leaving");
+    }
+
+    fn handshake_failures(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 }
 

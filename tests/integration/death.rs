@@ -1,0 +1,83 @@
+//! A node killed without a goodbye must not stall anyone: requests in flight finish as soon as
+//! the failure detector (or the transport) notices, far before the request timeout.
+
+use std::time::{Duration, Instant};
+
+use crate::{common::*, process::*};
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_ends_inflight_requests_early() -> anyhow::Result<()> {
+    let c = Cluster::start_with(2, |cfg| cfg.with_request_timeout(REQUEST_TIMEOUT)).await?;
+    let certs = TempDir::new("death");
+    c.ca.write_dir(&certs.0, "victim")?;
+    let victim = ProcNode::spawn(
+        &certs.0,
+        &[c.seed()],
+        &[
+            ("MESH_CLUSTER_ID", "test-cluster"),
+            ("MESH_GOSSIP_INTERVAL_MS", "50"),
+            ("MESH_REQUEST_TIMEOUT_MS", "30000"),
+        ],
+    )
+    .await?;
+    for node in &c.nodes {
+        let mut members = node.mesh.watch_members();
+        tokio::time::timeout(WAIT, members.wait_for(|m| m.len() == 2 && m.iter().all(|m| m.serves("/")))).await??;
+    }
+    let survivor = c.nodes[1].client(&["/"]).await?;
+    let _doomed = Client::connect(victim.http, &["/"]).await?;
+    assert_eq!(c.nodes[0].io.fetch_sockets().await.sio()?.len(), 2);
+    assert_eq!(c.nodes[0].mesh.server_count("/"), 3);
+
+    // Freeze the victim: it answers nothing, sends nothing (no FIN over UDP).
+    victim.signal("STOP").await?;
+    let requests_before = c.nodes[0].mesh.stats().requests;
+    let io = c.nodes[0].io.clone();
+    let started = Instant::now();
+    let fetch = tokio::spawn(async move { io.fetch_sockets().await.sio() });
+    // Wait until the request is really in flight, then kill the victim for good.
+    tokio::time::timeout(WAIT, async {
+        while c.nodes[0].mesh.stats().requests == requests_before {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await?;
+    assert!(!fetch.is_finished(), "the frozen node cannot have answered");
+    let mut victim = victim;
+    victim.child.kill().await?;
+
+    let sockets = tokio::time::timeout(REQUEST_TIMEOUT * 2, fetch).await???;
+    let elapsed = started.elapsed();
+    eprintln!("fetch_sockets with a node killed in flight took {elapsed:?}");
+    let ids: Vec<String> = sockets.iter().map(|s| s.data().id.to_string()).collect();
+    assert_eq!(ids, vec![survivor.sid("/")], "the survivors answer with their sockets");
+    assert!(
+        elapsed < REQUEST_TIMEOUT / 2,
+        "the request waited {elapsed:?}: the dead node stalled it (timeout {REQUEST_TIMEOUT:?})"
+    );
+    assert!(c.nodes[0].mesh.stats().request_peer_failures >= 1);
+
+    // Membership dropped it too.
+    let mut members = c.nodes[0].mesh.watch_members();
+    tokio::time::timeout(WAIT, members.wait_for(|m| m.len() == 1)).await??;
+    assert_eq!(c.nodes[0].mesh.server_count("/"), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_is_noticed_at_once() -> anyhow::Result<()> {
+    let mut c = Cluster::start_with(3, |cfg| cfg.with_request_timeout(REQUEST_TIMEOUT)).await?;
+    let _client = c.nodes[2].client(&["/"]).await?;
+    let leaving = c.nodes.pop().expect("node 2");
+    leaving.shutdown().await;
+    // No failure detector delay: the goodbye is immediate.
+    let started = Instant::now();
+    let sockets = c.nodes[0].io.fetch_sockets().await.sio()?;
+    assert!(sockets.is_empty());
+    assert!(started.elapsed() < REQUEST_TIMEOUT / 2);
+    let mut members = c.nodes[0].mesh.watch_members();
+    tokio::time::timeout(WAIT, members.wait_for(|m| m.len() == 1)).await??;
+    Ok(())
+}

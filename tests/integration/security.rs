@@ -1,0 +1,150 @@
+//! Only nodes with a certificate from the cluster CA *and* the right cluster id become members;
+//! anything else cannot deliver a single frame or gossip message.
+
+use serde_json::json;
+use socketioxide_mesh::{DevCa, Mesh, MeshConfig, StaticSeeds};
+
+use crate::{common::*, raw::*};
+
+/// Wait (on events, not time) until `node` has refused at least `n` incoming connections.
+async fn refused_at_least(node: &Node, n: u64) -> anyhow::Result<()> {
+    tokio::time::timeout(WAIT, async {
+        while node.mesh.stats().handshakes_refused < n {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("only {} refusals", node.mesh.stats().handshakes_refused))
+}
+
+/// The cluster is intact: 2 members each, a client still gets what its cluster sends, and
+/// nothing from the intruder.
+async fn cluster_intact(c: &Cluster, intruder: Option<&Node>) -> anyhow::Result<()> {
+    for node in &c.nodes {
+        assert_eq!(node.mesh.members().len(), c.nodes.len() - 1, "membership changed");
+    }
+    let mut client = c.nodes[0].client(&["/"]).await?;
+    if let Some(intruder) = intruder {
+        assert!(intruder.mesh.members().is_empty(), "the intruder sees members");
+        intruder.io.emit("evil", &()).await.sio()?;
+    }
+    c.nodes[1].io.emit("marker", &()).await.sio()?;
+    let first = client.next_event("/").await?;
+    assert_eq!(first.event(), Some("marker"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_from_another_ca_never_joins() -> anyhow::Result<()> {
+    let c = Cluster::start(2).await?;
+    let rogue_ca = DevCa::generate("rogue CA")?;
+    // Trusts the cluster CA (it has read ca.pem), but its own certificate comes from another CA.
+    let node = rogue_ca.issue("rogue")?;
+    let tls = socketioxide_mesh::TlsConfig::from_pem(
+        [c.ca.cert_pem(), rogue_ca.cert_pem()].concat().as_bytes(),
+        node.cert_pem.as_bytes(),
+        node.key_pem.as_bytes(),
+    )?;
+    let before = c.nodes[0].mesh.stats().handshakes_refused;
+    let rogue = start_node(
+        MeshConfig::local(tls)
+            .with_cluster_id("test-cluster")
+            .with_seeds(StaticSeeds::new([c.seed().to_string()])),
+    )
+    .await?;
+    // It tries again and again (seeds, backoff): let it.
+    refused_at_least(&c.nodes[0], before + 3).await?;
+    cluster_intact(&c, Some(&rogue)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_without_certificate_is_refused() -> anyhow::Result<()> {
+    let c = Cluster::start(2).await?;
+    let before = c.nodes[0].mesh.stats().handshakes_refused;
+    let peer = RawPeer::new(c.ca.cert_pem(), None)?;
+    let res = peer.handshake(c.seed(), &peer.good_hello("test-cluster")).await;
+    assert!(res.is_err(), "a peer without a certificate got a reply: {res:?}");
+    refused_at_least(&c.nodes[0], before + 1).await?;
+    cluster_intact(&c, None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_of_another_cluster_is_refused_with_a_reason() -> anyhow::Result<()> {
+    let c = Cluster::start(2).await?;
+    // A raw peer with a valid certificate but another cluster id: refused, with the reason.
+    let creds = c.ca.issue("stranger")?;
+    let peer = RawPeer::new(c.ca.cert_pem(), Some((&creds.cert_pem, &creds.key_pem)))?;
+    let (conn, reply) = peer.handshake(c.seed(), &peer.good_hello("other-cluster")).await?;
+    match reply {
+        HelloReply::Refused(reason) => assert!(reason.contains("other-cluster"), "{reason}"),
+        HelloReply::Welcome(_) => panic!("a node of another cluster was welcomed"),
+    }
+    let (code, _) = close_of(&conn).await;
+    assert_eq!(code, 2, "closed as refused");
+
+    // A real node of another cluster (same CA) seeded to us: never a member.
+    let before = c.nodes[0].mesh.stats().handshakes_refused;
+    let other = start_node(
+        MeshConfig::local(c.ca.node_tls("other")?)
+            .with_cluster_id("other-cluster")
+            .with_seeds(StaticSeeds::new([c.seed().to_string()])),
+    )
+    .await?;
+    refused_at_least(&c.nodes[0], before + 2).await?;
+    cluster_intact(&c, Some(&other)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_read_before_a_welcome() -> anyhow::Result<()> {
+    let c = Cluster::start(2).await?;
+    let creds = c.ca.issue("stranger")?;
+    let peer = RawPeer::new(c.ca.cert_pem(), Some((&creds.cert_pem, &creds.key_pem)))?;
+    let conn = peer.connect(c.seed()).await?;
+    // A command stream carrying a broadcast to every socket of "/", sent before any hello.
+    let mut uni = conn.open_uni().await?;
+    uni.write_all(&frame(&rmp_serde::to_vec(&commands_header())?)).await?;
+    uni.write_all(&frame(&broadcast_all("evil")?)).await?;
+    uni.finish()?;
+    // Then a hello for another cluster: refused.
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&peer.good_hello("other-cluster")).await?;
+    send.finish()?;
+    let reply = read_frame(&mut recv).await;
+    assert!(matches!(reply, Ok(r) if r.len() > 6));
+    let (code, _) = close_of(&conn).await;
+    assert_eq!(code, 2);
+    assert_eq!(c.nodes[0].mesh.stats().commands_received, 0);
+    cluster_intact(&c, None).await
+}
+
+#[derive(serde::Serialize)]
+enum UniHeader {
+    #[serde(rename = "0")]
+    Commands { start_seq: u64 },
+}
+
+pub fn commands_header() -> impl serde::Serialize {
+    UniHeader::Commands { start_seq: 0 }
+}
+
+/// A `Broadcast` command to every socket of "/", encoded by hand from the documented format.
+pub fn broadcast_all(event: &str) -> anyhow::Result<Vec<u8>> {
+    use socketioxide_core::adapter::{BroadcastFlags, BroadcastOptions};
+    let mut opts = BroadcastOptions::default();
+    opts.add_flag(BroadcastFlags::Broadcast);
+    let text = json!([event]).to_string();
+    // packet = (ns, type 2 = event, value = (0 = text, utf-8 bytes, no binaries), ack, error)
+    let packet = (
+        "/",
+        2u8,
+        Some((0u8, serde_bytes::Bytes::new(text.as_bytes()), None::<()>)),
+        None::<i64>,
+        None::<String>,
+    );
+    #[derive(serde::Serialize)]
+    enum Command<P> {
+        #[serde(rename = "0")]
+        Broadcast { ns: &'static str, opts: BroadcastOptions, packet: P },
+    }
+    Ok(rmp_serde::to_vec(&Command::Broadcast { ns: "/", opts, packet })?)
+}
