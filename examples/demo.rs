@@ -20,26 +20,36 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "warn,socketioxide_mesh=info".into()),
         )
         .init();
-    let base: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(3000);
+    let base: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(3000);
     let ca = DevCa::generate("demo CA")?;
     let mut meshes = Vec::new();
     let mut seed: Option<SocketAddr> = None;
     for i in 0..3u16 {
-        let mut config = MeshConfig::local(ca.node_tls(&format!("node-{i}"))?).with_cluster_id("demo");
+        let mut config =
+            MeshConfig::local(ca.node_tls(&format!("node-{i}"))?).with_cluster_id("demo");
         if let Some(seed) = seed {
             config = config.with_seeds(StaticSeeds::new([seed.to_string()]));
         }
         let mesh = Mesh::start(config).await?;
         seed.get_or_insert(mesh.advertise_addr());
-        let (http, _io) = app::serve(mesh.clone(), SocketAddr::from(([127, 0, 0, 1], base + i))).await?;
-        println!("node {i}: mesh on {} (QUIC, mutual TLS), chat on http://{http}/", mesh.advertise_addr());
+        let (http, _io) =
+            app::serve(mesh.clone(), SocketAddr::from(([127, 0, 0, 1], base + i))).await?;
+        println!(
+            "node {i}: mesh on {} (QUIC, mutual TLS), chat on http://{http}/",
+            mesh.advertise_addr()
+        );
         meshes.push(mesh);
     }
     for mesh in &meshes {
         let mut members = mesh.watch_members();
         tokio::time::timeout(Duration::from_secs(10), members.wait_for(|m| m.len() == 2)).await??;
     }
-    println!("mesh formed: every node sees the two others. Open the three pages and chat; Ctrl-C to stop.");
+    println!(
+        "mesh formed: every node sees the two others. Open the three pages and chat; Ctrl-C to stop."
+    );
     tokio::signal::ctrl_c().await?;
     for mesh in meshes {
         mesh.shutdown().await;

@@ -90,7 +90,8 @@ async fn main() -> anyhow::Result<()> {
             vars.insert(k, v);
         }
     }
-    let config = MeshConfig::from_lookup(|k| vars.get(k).cloned().or_else(|| std::env::var(k).ok()))?;
+    let config =
+        MeshConfig::from_lookup(|k| vars.get(k).cloned().or_else(|| std::env::var(k).ok()))?;
     let mesh = Mesh::start(config).await?;
     let (http, _io) = app::serve(mesh.clone(), cli.http).await?;
     let ready = serde_json::json!({
@@ -113,13 +114,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

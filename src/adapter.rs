@@ -112,7 +112,8 @@ impl<E: SocketEmitter> CoreAdapter<E> for MeshAdapter<E> {
 
     fn init(self: Arc<Self>, on_success: impl FnOnce() + Send + 'static) -> Self::InitRes {
         InitRes(Box::pin(async move {
-            let handler: Weak<dyn NsHandler> = Arc::downgrade(&(self.clone() as Arc<dyn NsHandler>));
+            let handler: Weak<dyn NsHandler> =
+                Arc::downgrade(&(self.clone() as Arc<dyn NsHandler>));
             self.mesh
                 .shared
                 .register_ns(self.local.path(), self.uid, handler)
@@ -133,7 +134,11 @@ impl<E: SocketEmitter> CoreAdapter<E> for MeshAdapter<E> {
         Ok(self.mesh.server_count(self.ns()))
     }
 
-    async fn broadcast(&self, packet: Packet, opts: BroadcastOptions) -> Result<(), BroadcastError> {
+    async fn broadcast(
+        &self,
+        packet: Packet,
+        opts: BroadcastOptions,
+    ) -> Result<(), BroadcastError> {
         if !opts.is_local(self.uid) {
             let cmd = CommandRef::Broadcast {
                 ns: self.ns(),
@@ -187,7 +192,11 @@ impl<E: SocketEmitter> CoreAdapter<E> for MeshAdapter<E> {
         Ok(AckStream { local, remote })
     }
 
-    async fn add_sockets(&self, opts: BroadcastOptions, rooms: impl RoomParam) -> Result<(), Self::Error> {
+    async fn add_sockets(
+        &self,
+        opts: BroadcastOptions,
+        rooms: impl RoomParam,
+    ) -> Result<(), Self::Error> {
         let rooms: Vec<Room> = rooms.into_room_iter().collect();
         if !opts.is_local(self.uid) {
             self.send(
@@ -203,7 +212,11 @@ impl<E: SocketEmitter> CoreAdapter<E> for MeshAdapter<E> {
         Ok(())
     }
 
-    async fn del_sockets(&self, opts: BroadcastOptions, rooms: impl RoomParam) -> Result<(), Self::Error> {
+    async fn del_sockets(
+        &self,
+        opts: BroadcastOptions,
+        rooms: impl RoomParam,
+    ) -> Result<(), Self::Error> {
         let rooms: Vec<Room> = rooms.into_room_iter().collect();
         if !opts.is_local(self.uid) {
             self.send(
@@ -256,7 +269,10 @@ impl<E: SocketEmitter> CoreAdapter<E> for MeshAdapter<E> {
         Ok(rooms.drain().collect())
     }
 
-    async fn fetch_sockets(&self, opts: BroadcastOptions) -> Result<Vec<RemoteSocketData>, Self::Error> {
+    async fn fetch_sockets(
+        &self,
+        opts: BroadcastOptions,
+    ) -> Result<Vec<RemoteSocketData>, Self::Error> {
         if opts.is_local(self.uid) {
             return Ok(self.local.fetch_sockets(opts));
         }
@@ -335,7 +351,8 @@ impl<E: SocketEmitter> NsHandler for MeshAdapter<E> {
                     .boxed()
             }
             Query::ServerEventWithAck { .. } => {
-                futures_util::stream::once(async { Reply::Error("not a namespace query".into()) }).boxed()
+                futures_util::stream::once(async { Reply::Error("not a namespace query".into()) })
+                    .boxed()
             }
         }
     }

@@ -103,7 +103,10 @@ impl fmt::Debug for MeshConfig {
             .field("transport", &self.transport)
             .field("listen_addr", &self.listen_addr)
             .field("advertise_addr", &self.advertise_addr)
-            .field("seeds", &self.seeds.iter().map(|s| s.name()).collect::<Vec<_>>())
+            .field(
+                "seeds",
+                &self.seeds.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            )
             .field("gossip_interval", &self.gossip_interval)
             .field("request_timeout", &self.request_timeout)
             .field("max_frame_size", &self.max_frame_size)
@@ -178,14 +181,20 @@ impl MeshConfig {
     /// [`from_env`](Self::from_env) with a custom lookup function (handy for tests and for
     /// reading a config map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let tls = match (get("MESH_TLS_DIR"), get("MESH_TLS_CA"), get("MESH_TLS_CERT"), get("MESH_TLS_KEY")) {
+        let tls = match (
+            get("MESH_TLS_DIR"),
+            get("MESH_TLS_CA"),
+            get("MESH_TLS_CERT"),
+            get("MESH_TLS_KEY"),
+        ) {
             (Some(dir), None, None, None) => TlsConfig::from_dir(dir)?,
             (None, Some(ca), Some(cert), Some(key)) => TlsConfig::from_pem_files(ca, cert, key)?,
             _ => {
                 return Err(ConfigError::Value {
                     name: "tls",
-                    reason: "set MESH_TLS_DIR, or all of MESH_TLS_CA, MESH_TLS_CERT and MESH_TLS_KEY"
-                        .into(),
+                    reason:
+                        "set MESH_TLS_DIR, or all of MESH_TLS_CA, MESH_TLS_CERT and MESH_TLS_KEY"
+                            .into(),
                 });
             }
         };
@@ -443,12 +452,27 @@ impl MeshConfig {
         range("gossip_interval", self.gossip_interval, ms(10), s(60))?;
         range("seed_interval", self.seed_interval, ms(50), s(3600))?;
         range("request_timeout", self.request_timeout, ms(10), s(3600))?;
-        range("dead_node_grace_period", self.dead_node_grace_period, s(1), s(7 * 86400))?;
-        range("keep_alive_interval", self.keep_alive_interval, ms(10), s(60))?;
+        range(
+            "dead_node_grace_period",
+            self.dead_node_grace_period,
+            s(1),
+            s(7 * 86400),
+        )?;
+        range(
+            "keep_alive_interval",
+            self.keep_alive_interval,
+            ms(10),
+            s(60),
+        )?;
         range("idle_timeout", self.idle_timeout, ms(100), s(600))?;
         range("connect_timeout", self.connect_timeout, ms(10), s(600))?;
         range("reconnect_min", self.reconnect_min, ms(1), s(60))?;
-        range("reconnect_max", self.reconnect_max, self.reconnect_min, s(600))?;
+        range(
+            "reconnect_max",
+            self.reconnect_max,
+            self.reconnect_min,
+            s(600),
+        )?;
         if self.keep_alive_interval >= self.idle_timeout {
             return Err(ConfigError::Value {
                 name: "keep_alive_interval",
@@ -473,8 +497,18 @@ impl MeshConfig {
         };
         count("max_frame_size", self.max_frame_size, 64 * 1024, 1 << 30)?;
         count("peer_queue_len", self.peer_queue_len, 1, 1 << 24)?;
-        count("peer_queue_bytes", self.peer_queue_bytes, self.max_frame_size, 1 << 34)?;
-        count("max_in_flight_requests", self.max_in_flight_requests, 1, 1 << 20)?;
+        count(
+            "peer_queue_bytes",
+            self.peer_queue_bytes,
+            self.max_frame_size,
+            1 << 34,
+        )?;
+        count(
+            "max_in_flight_requests",
+            self.max_in_flight_requests,
+            1,
+            1 << 20,
+        )?;
         count(
             "max_concurrent_streams",
             self.max_concurrent_streams as usize,
@@ -510,13 +544,29 @@ mod tests {
     fn bad_values_are_refused_with_their_name() {
         let cases = [
             (MeshConfig::local(tls()).with_cluster_id(""), "cluster id"),
-            (MeshConfig::local(tls()).with_cluster_id("a b"), "cluster id"),
-            (MeshConfig::local(tls()).with_gossip_interval(Duration::ZERO), "gossip_interval"),
-            (MeshConfig::local(tls()).with_max_frame_size(10), "max_frame_size"),
-            (MeshConfig::local(tls()).with_peer_queue(0, 1 << 26), "peer_queue_len"),
-            (MeshConfig::local(tls()).with_phi_threshold(f64::NAN), "phi_threshold"),
             (
-                MeshConfig::local(tls()).with_keep_alive(Duration::from_secs(5), Duration::from_secs(1)),
+                MeshConfig::local(tls()).with_cluster_id("a b"),
+                "cluster id",
+            ),
+            (
+                MeshConfig::local(tls()).with_gossip_interval(Duration::ZERO),
+                "gossip_interval",
+            ),
+            (
+                MeshConfig::local(tls()).with_max_frame_size(10),
+                "max_frame_size",
+            ),
+            (
+                MeshConfig::local(tls()).with_peer_queue(0, 1 << 26),
+                "peer_queue_len",
+            ),
+            (
+                MeshConfig::local(tls()).with_phi_threshold(f64::NAN),
+                "phi_threshold",
+            ),
+            (
+                MeshConfig::local(tls())
+                    .with_keep_alive(Duration::from_secs(5), Duration::from_secs(1)),
                 "keep_alive_interval",
             ),
             (
@@ -539,7 +589,10 @@ mod tests {
             ("MESH_CLUSTER_ID", "prod-chat".into()),
             ("MESH_LISTEN_ADDR", "0.0.0.0:9000".into()),
             ("POD_IP", "10.1.2.3".into()),
-            ("MESH_SEEDS", "mesh-headless.default.svc:9000, 10.1.2.4:9000".into()),
+            (
+                "MESH_SEEDS",
+                "mesh-headless.default.svc:9000, 10.1.2.4:9000".into(),
+            ),
             ("MESH_GOSSIP_INTERVAL_MS", "200".into()),
             ("MESH_REQUEST_TIMEOUT_MS", "1500".into()),
             ("MESH_PEER_QUEUE_LEN", "100".into()),
@@ -555,12 +608,30 @@ mod tests {
         let mut bad = vars.clone();
         bad.insert("MESH_GOSSIP_INTERVAL_MS", "fast".into());
         let err = MeshConfig::from_lookup(|k| bad.get(k).cloned()).unwrap_err();
-        assert!(matches!(err, ConfigError::Env { var: "MESH_GOSSIP_INTERVAL_MS", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Env {
+                    var: "MESH_GOSSIP_INTERVAL_MS",
+                    ..
+                }
+            ),
+            "{err}"
+        );
 
         let mut bad = vars.clone();
         bad.insert("MESH_SEEDS", "no-port-here".into());
         let err = MeshConfig::from_lookup(|k| bad.get(k).cloned()).unwrap_err();
-        assert!(matches!(err, ConfigError::Env { var: "MESH_SEEDS", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Env {
+                    var: "MESH_SEEDS",
+                    ..
+                }
+            ),
+            "{err}"
+        );
 
         let err = MeshConfig::from_lookup(|_| None).unwrap_err();
         assert!(err.to_string().contains("MESH_TLS_DIR"), "{err}");

@@ -16,8 +16,8 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use chitchat::{
-    Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, ChitchatMessage, FailureDetectorConfig, NodeState,
-    Serializable,
+    Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, ChitchatMessage, FailureDetectorConfig,
+    NodeState, Serializable,
     transport::{Socket, Transport},
 };
 use socketioxide_core::Uid;
@@ -158,7 +158,10 @@ impl Membership {
         };
         let initial = vec![
             (keys::VERSION.to_string(), PROTOCOL_VERSION.to_string()),
-            (keys::TRANSPORT.to_string(), cfg.transport.as_str().to_string()),
+            (
+                keys::TRANSPORT.to_string(),
+                cfg.transport.as_str().to_string(),
+            ),
         ];
         let handle = chitchat::spawn_chitchat(config, initial, &transport)
             .await

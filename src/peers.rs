@@ -310,7 +310,9 @@ impl PeerTable {
         let to_dial: Vec<SocketAddr> = self
             .nodes
             .iter()
-            .filter(|(id, n)| n.canonical.is_none() && self.i_dial(**id) && (n.live || !n.others.is_empty()))
+            .filter(|(id, n)| {
+                n.canonical.is_none() && self.i_dial(**id) && (n.live || !n.others.is_empty())
+            })
             .map(|(_, n)| n.addr)
             .collect();
         for addr in to_dial {
@@ -363,11 +365,23 @@ mod tests {
     /// Two ids ordered: (low, high).
     fn ids() -> (NodeId, NodeId) {
         let (a, b) = (Sid::new(), Sid::new());
-        if PeerTable::is_canonical(a, b) { (a, b) } else { (b, a) }
+        if PeerTable::is_canonical(a, b) {
+            (a, b)
+        } else {
+            (b, a)
+        }
     }
 
     fn table(me: NodeId) -> PeerTable {
-        PeerTable::new(me, addr(1), Backoff { min: 100 * MS, max: 1000 * MS }, 8)
+        PeerTable::new(
+            me,
+            addr(1),
+            Backoff {
+                min: 100 * MS,
+                max: 1000 * MS,
+            },
+            8,
+        )
     }
 
     fn drain(t: &mut PeerTable, now: Instant) -> Vec<Action> {
@@ -387,7 +401,10 @@ mod tests {
         t.connected(now, 7, high, addr(2), true);
         assert_eq!(
             drain(&mut t, now),
-            vec![Action::Route { node: high, conn: Some(7) }]
+            vec![Action::Route {
+                node: high,
+                conn: Some(7)
+            }]
         );
         assert_eq!(t.route(high), Some(7));
     }
@@ -401,7 +418,13 @@ mod tests {
         assert_eq!(drain(&mut t, now), vec![]);
         // The lower node dials us: canonical.
         t.connected(now, 3, low, addr(2), false);
-        assert_eq!(drain(&mut t, now), vec![Action::Route { node: low, conn: Some(3) }]);
+        assert_eq!(
+            drain(&mut t, now),
+            vec![Action::Route {
+                node: low,
+                conn: Some(3)
+            }]
+        );
     }
 
     #[test]
@@ -416,8 +439,14 @@ mod tests {
         assert_eq!(
             drain(&mut t, now),
             vec![
-                Action::Close { conn: 1, code: CloseCode::Replaced },
-                Action::Route { node: high, conn: Some(2) }
+                Action::Close {
+                    conn: 1,
+                    code: CloseCode::Replaced
+                },
+                Action::Route {
+                    node: high,
+                    conn: Some(2)
+                }
             ]
         );
     }
@@ -436,7 +465,10 @@ mod tests {
         t.dial_failed(t0 + 100 * MS, addr(2), 0.5);
         assert_eq!(t.poll_timeout(), Some(t0 + 300 * MS));
         // Capped at max.
-        let b = Backoff { min: 100 * MS, max: 1000 * MS };
+        let b = Backoff {
+            min: 100 * MS,
+            max: 1000 * MS,
+        };
         assert_eq!(b.delay(30, 0.5), 1000 * MS);
         assert_eq!(b.delay(1, 0.0), 75 * MS);
         assert_eq!(b.delay(1, 0.999), Duration::from_secs_f64(0.1 * 1.2495));
@@ -455,7 +487,10 @@ mod tests {
         assert_eq!(
             drain(&mut t, now),
             vec![
-                Action::Close { conn: 5, code: CloseCode::PeerDead },
+                Action::Close {
+                    conn: 5,
+                    code: CloseCode::PeerDead
+                },
                 Action::Forget { node: high }
             ]
         );
@@ -472,7 +507,13 @@ mod tests {
         t.connected(now, 5, high, addr(2), true);
         drain(&mut t, now);
         t.disconnected(now, 5);
-        assert_eq!(drain(&mut t, now), vec![Action::Route { node: high, conn: None }]);
+        assert_eq!(
+            drain(&mut t, now),
+            vec![Action::Route {
+                node: high,
+                conn: None
+            }]
+        );
         assert_eq!(drain(&mut t, now + 100 * MS), vec![Action::Dial(addr(2))]);
     }
 
@@ -487,8 +528,14 @@ mod tests {
         assert_eq!(
             drain(&mut t, now),
             vec![
-                Action::Close { conn: 1, code: CloseCode::Replaced },
-                Action::Route { node: low, conn: Some(2) }
+                Action::Close {
+                    conn: 1,
+                    code: CloseCode::Replaced
+                },
+                Action::Route {
+                    node: low,
+                    conn: Some(2)
+                }
             ]
         );
         // The replaced connection closing later changes nothing.
@@ -525,7 +572,13 @@ mod tests {
         t.disconnected(now, 1);
         assert_eq!(
             drain(&mut t, now),
-            vec![Action::Route { node: low, conn: None }, Action::Forget { node: low }]
+            vec![
+                Action::Route {
+                    node: low,
+                    conn: None
+                },
+                Action::Forget { node: low }
+            ]
         );
     }
 }

@@ -78,11 +78,13 @@ impl AckTally {
                 self.expected = Some(*n);
                 Ok(AckStep::Counted { done: *n == 0 })
             }
-            (Reply::AckCount(_), Some(_)) => Err(PeerError::Malformed("ack count sent twice".into())),
-            (Reply::Ack { .. }, None) => Err(PeerError::Malformed("ack before its count".into())),
-            (Reply::Ack { .. }, Some(n)) if self.received >= n => {
-                Err(PeerError::Malformed(format!("more than the {n} announced acks")))
+            (Reply::AckCount(_), Some(_)) => {
+                Err(PeerError::Malformed("ack count sent twice".into()))
             }
+            (Reply::Ack { .. }, None) => Err(PeerError::Malformed("ack before its count".into())),
+            (Reply::Ack { .. }, Some(n)) if self.received >= n => Err(PeerError::Malformed(
+                format!("more than the {n} announced acks"),
+            )),
             (Reply::Ack { .. }, Some(n)) => {
                 self.received += 1;
                 Ok(AckStep::Ack {
@@ -136,7 +138,10 @@ mod tests {
     #[test]
     fn ack_tally_counts_then_acks() {
         let mut t = AckTally::default();
-        assert_eq!(t.on_reply(&Reply::AckCount(2)), Ok(AckStep::Counted { done: false }));
+        assert_eq!(
+            t.on_reply(&Reply::AckCount(2)),
+            Ok(AckStep::Counted { done: false })
+        );
         assert_eq!(t.on_reply(&ack()), Ok(AckStep::Ack { done: false }));
         assert_eq!(t.on_reply(&ack()), Ok(AckStep::Ack { done: true }));
         assert!(t.on_reply(&ack()).is_err());
@@ -146,7 +151,10 @@ mod tests {
     #[test]
     fn ack_tally_zero_count_is_done() {
         let mut t = AckTally::default();
-        assert_eq!(t.on_reply(&Reply::AckCount(0)), Ok(AckStep::Counted { done: true }));
+        assert_eq!(
+            t.on_reply(&Reply::AckCount(0)),
+            Ok(AckStep::Counted { done: true })
+        );
     }
 
     #[test]

@@ -10,12 +10,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
-use rustls::{
-    RootCertStore,
-    crypto::CryptoProvider,
-    server::WebPkiClientVerifier,
-    version::TLS13,
-};
+use rustls::{RootCertStore, crypto::CryptoProvider, server::WebPkiClientVerifier, version::TLS13};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::error::TlsError;
@@ -124,7 +119,11 @@ impl TlsConfig {
     /// [`DevCa::write_dir`] and by the `gen-certs` example.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, TlsError> {
         let dir = dir.as_ref();
-        Self::from_pem_files(dir.join("ca.pem"), dir.join("node.pem"), dir.join("node.key"))
+        Self::from_pem_files(
+            dir.join("ca.pem"),
+            dir.join("node.pem"),
+            dir.join("node.key"),
+        )
     }
 
     /// Set the DNS name checked in peers' certificates. Default: [`DEFAULT_SERVER_NAME`].
@@ -149,7 +148,10 @@ impl TlsConfig {
     }
 
     /// A TLS 1.3 server config that requires a client certificate from the cluster CA.
-    pub(crate) fn server_config(&self, alpn: Vec<Vec<u8>>) -> Result<rustls::ServerConfig, TlsError> {
+    pub(crate) fn server_config(
+        &self,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<rustls::ServerConfig, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
             .build()
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
@@ -164,7 +166,10 @@ impl TlsConfig {
     }
 
     /// A TLS 1.3 client config that trusts the cluster CA and presents this node's certificate.
-    pub(crate) fn client_config(&self, alpn: Vec<Vec<u8>>) -> Result<rustls::ClientConfig, TlsError> {
+    pub(crate) fn client_config(
+        &self,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<rustls::ClientConfig, TlsError> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&TLS13])
             .map_err(|e| TlsError::Rustls(e.to_string()))?
@@ -295,7 +300,9 @@ impl DevCa {
         ];
         let mut params = CertificateParams::new(sans).map_err(gen_err)?;
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, node_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, node_name);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -363,7 +370,16 @@ mod tests {
         let node = ca.issue("n1").unwrap();
         let err = TlsConfig::from_pem(ca.cert_pem().as_bytes(), node.cert_pem.as_bytes(), b"")
             .unwrap_err();
-        assert!(matches!(err, TlsError::Missing { what: "private key", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                TlsError::Missing {
+                    what: "private key",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -371,15 +387,22 @@ mod tests {
         let ca = DevCa::generate("test CA").unwrap();
         let a = ca.issue("a").unwrap();
         let b = ca.issue("b").unwrap();
-        let err = TlsConfig::from_pem(ca.cert_pem().as_bytes(), a.cert_pem.as_bytes(), b.key_pem.as_bytes())
-            .unwrap_err();
+        let err = TlsConfig::from_pem(
+            ca.cert_pem().as_bytes(),
+            a.cert_pem.as_bytes(),
+            b.key_pem.as_bytes(),
+        )
+        .unwrap_err();
         assert!(matches!(err, TlsError::Rustls(_)), "{err}");
     }
 
     #[test]
     fn garbage_pem_is_refused() {
         let err = TlsConfig::from_pem(b"not pem", b"", b"").unwrap_err();
-        assert!(matches!(err, TlsError::Missing { .. } | TlsError::Pem { .. }), "{err}");
+        assert!(
+            matches!(err, TlsError::Missing { .. } | TlsError::Pem { .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -138,7 +138,10 @@ pub(crate) enum CommandRef<'a> {
         rooms: &'a [Room],
     },
     #[serde(rename = "3")]
-    DisconnectSockets { ns: &'a str, opts: &'a BroadcastOptions },
+    DisconnectSockets {
+        ns: &'a str,
+        opts: &'a BroadcastOptions,
+    },
     #[serde(rename = "4")]
     ServerEvent {
         event: &'a str,
@@ -150,9 +153,15 @@ pub(crate) enum CommandRef<'a> {
 #[derive(Serialize)]
 pub(crate) enum QueryRef<'a> {
     #[serde(rename = "0")]
-    FetchSockets { ns: &'a str, opts: &'a BroadcastOptions },
+    FetchSockets {
+        ns: &'a str,
+        opts: &'a BroadcastOptions,
+    },
     #[serde(rename = "1")]
-    Rooms { ns: &'a str, opts: &'a BroadcastOptions },
+    Rooms {
+        ns: &'a str,
+        opts: &'a BroadcastOptions,
+    },
     #[serde(rename = "2")]
     BroadcastWithAck {
         ns: &'a str,
@@ -287,15 +296,16 @@ impl Serialize for PacketRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let p = self.0;
         let wv = WireValueRef;
-        let (ty, data, ack, error): (u8, Option<WireValueRef<'_>>, Option<i64>, Option<&str>) = match &p.inner {
-            PacketData::Connect(v) => (0, v.as_ref().map(wv), None, None),
-            PacketData::Disconnect => (1, None, None, None),
-            PacketData::Event(v, ack) => (2, Some(wv(v)), *ack, None),
-            PacketData::EventAck(v, ack) => (3, Some(wv(v)), Some(*ack), None),
-            PacketData::ConnectError(e) => (4, None, None, Some(e.as_str())),
-            PacketData::BinaryEvent(v, ack) => (5, Some(wv(v)), *ack, None),
-            PacketData::BinaryAck(v, ack) => (6, Some(wv(v)), Some(*ack), None),
-        };
+        let (ty, data, ack, error): (u8, Option<WireValueRef<'_>>, Option<i64>, Option<&str>) =
+            match &p.inner {
+                PacketData::Connect(v) => (0, v.as_ref().map(wv), None, None),
+                PacketData::Disconnect => (1, None, None, None),
+                PacketData::Event(v, ack) => (2, Some(wv(v)), *ack, None),
+                PacketData::EventAck(v, ack) => (3, Some(wv(v)), Some(*ack), None),
+                PacketData::ConnectError(e) => (4, None, None, Some(e.as_str())),
+                PacketData::BinaryEvent(v, ack) => (5, Some(wv(v)), *ack, None),
+                PacketData::BinaryAck(v, ack) => (6, Some(wv(v)), Some(*ack), None),
+            };
         (p.ns.as_str(), ty, data, ack, error).serialize(s)
     }
 }
@@ -424,7 +434,9 @@ mod tests {
                 "[\"ev\",{\"_placeholder\":true,\"num\":0}]".into(),
                 Some(vec![Bytes::from_static(&[0, 255, 128, 7])].into()),
             ),
-            Value::Bytes(Bytes::from_static(&[0x93, 0xa2, 0x65, 0x76, 0xc4, 0x02, 0xff, 0x00])),
+            Value::Bytes(Bytes::from_static(&[
+                0x93, 0xa2, 0x65, 0x76, 0xc4, 0x02, 0xff, 0x00,
+            ])),
         ]
     }
 
@@ -452,7 +464,10 @@ mod tests {
     }
 
     /// Encode with the borrowing type, decode with the owned one: the production path.
-    fn encodes_as<R: Serialize, T: DeserializeOwned + PartialEq + std::fmt::Debug>(r: R, expected: T) {
+    fn encodes_as<R: Serialize, T: DeserializeOwned + PartialEq + std::fmt::Debug>(
+        r: R,
+        expected: T,
+    ) {
         let bytes = encode(&r).unwrap();
         let back: T = decode(&bytes).unwrap();
         assert_eq!(back, expected);
@@ -477,17 +492,36 @@ mod tests {
         }
         let rooms: Vec<Room> = vec!["a".into(), "b".into()];
         encodes_as(
-            CommandRef::AddSockets { ns: "/", opts: &o, rooms: &rooms },
-            Command::AddSockets { ns: "/".into(), opts: o.clone(), rooms: rooms.clone() },
+            CommandRef::AddSockets {
+                ns: "/",
+                opts: &o,
+                rooms: &rooms,
+            },
+            Command::AddSockets {
+                ns: "/".into(),
+                opts: o.clone(),
+                rooms: rooms.clone(),
+            },
         );
         let none = BroadcastOptions::default();
         encodes_as(
-            CommandRef::DelSockets { ns: "/x", opts: &none, rooms: &[] },
-            Command::DelSockets { ns: "/x".into(), opts: none.clone(), rooms: vec![] },
+            CommandRef::DelSockets {
+                ns: "/x",
+                opts: &none,
+                rooms: &[],
+            },
+            Command::DelSockets {
+                ns: "/x".into(),
+                opts: none.clone(),
+                rooms: vec![],
+            },
         );
         encodes_as(
             CommandRef::DisconnectSockets { ns: "/", opts: &o },
-            Command::DisconnectSockets { ns: "/".into(), opts: o.clone() },
+            Command::DisconnectSockets {
+                ns: "/".into(),
+                opts: o.clone(),
+            },
         );
         encodes_as(
             CommandRef::ServerEvent {
@@ -506,11 +540,17 @@ mod tests {
         let o = opts();
         encodes_as(
             QueryRef::FetchSockets { ns: "/", opts: &o },
-            Query::FetchSockets { ns: "/".into(), opts: o.clone() },
+            Query::FetchSockets {
+                ns: "/".into(),
+                opts: o.clone(),
+            },
         );
         encodes_as(
             QueryRef::Rooms { ns: "/", opts: &o },
-            Query::Rooms { ns: "/".into(), opts: o.clone() },
+            Query::Rooms {
+                ns: "/".into(),
+                opts: o.clone(),
+            },
         );
         for p in packets() {
             encodes_as(
@@ -529,8 +569,14 @@ mod tests {
             );
         }
         encodes_as(
-            QueryRef::ServerEventWithAck { event: "e", data: serde_bytes::Bytes::new(&[0xc0]) },
-            Query::ServerEventWithAck { event: "e".into(), data: ByteBuf::from(vec![0xc0]) },
+            QueryRef::ServerEventWithAck {
+                event: "e",
+                data: serde_bytes::Bytes::new(&[0xc0]),
+            },
+            Query::ServerEventWithAck {
+                event: "e".into(),
+                data: ByteBuf::from(vec![0xc0]),
+            },
         );
         round_trip(Reply::Sockets(vec![RemoteSocketData {
             id: Sid::new(),
@@ -554,7 +600,9 @@ mod tests {
         round_trip(Reply::ServerAck(None));
         round_trip(UniHeader::Commands { start_seq: 99 });
         round_trip(UniHeader::Gossip);
-        round_trip(QueryHeader { after_seq: u64::MAX });
+        round_trip(QueryHeader {
+            after_seq: u64::MAX,
+        });
     }
 
     fn hello() -> Hello {
@@ -571,17 +619,29 @@ mod tests {
         let h = hello();
         assert_eq!(decode_hello(&encode_hello(&h).unwrap()).unwrap(), h);
         let reply = HelloReply::Welcome(h.clone());
-        assert_eq!(decode_hello_reply(&encode_hello_reply(&reply).unwrap()).unwrap(), reply);
+        assert_eq!(
+            decode_hello_reply(&encode_hello_reply(&reply).unwrap()).unwrap(),
+            reply
+        );
         let refused = HelloReply::Refused("why".into());
-        assert_eq!(decode_hello_reply(&encode_hello_reply(&refused).unwrap()).unwrap(), refused);
+        assert_eq!(
+            decode_hello_reply(&encode_hello_reply(&refused).unwrap()).unwrap(),
+            refused
+        );
 
         let mut other = hello();
         assert!(check_hello(&h, &other).is_ok());
         other.cluster_id = "d".into();
-        assert!(matches!(check_hello(&h, &other), Err(PeerError::Cluster { .. })));
+        assert!(matches!(
+            check_hello(&h, &other),
+            Err(PeerError::Cluster { .. })
+        ));
         let mut other = hello();
         other.transport = "ws".into();
-        assert!(matches!(check_hello(&h, &other), Err(PeerError::TransportKind { .. })));
+        assert!(matches!(
+            check_hello(&h, &other),
+            Err(PeerError::TransportKind { .. })
+        ));
         assert_eq!(check_hello(&h, &h), Err(PeerError::SelfConnect));
     }
 
@@ -596,13 +656,22 @@ mod tests {
                 ours: PROTOCOL_VERSION
             })
         );
-        assert_eq!(decode_hello(b"GET / HTTP/1.1\r\n"), Err(PeerError::BadMagic));
+        assert_eq!(
+            decode_hello(b"GET / HTTP/1.1\r\n"),
+            Err(PeerError::BadMagic)
+        );
         assert_eq!(decode_hello(b"SIO"), Err(PeerError::BadMagic));
         let big = [MAGIC.as_slice(), &[0; MAX_HELLO_SIZE]].concat();
-        assert!(matches!(decode_hello(&big), Err(PeerError::FrameTooLarge { .. })));
+        assert!(matches!(
+            decode_hello(&big),
+            Err(PeerError::FrameTooLarge { .. })
+        ));
         let mut truncated = encode_hello(&hello()).unwrap().to_vec();
         truncated.truncate(truncated.len() - 3);
-        assert!(matches!(decode_hello(&truncated), Err(PeerError::Malformed(_))));
+        assert!(matches!(
+            decode_hello(&truncated),
+            Err(PeerError::Malformed(_))
+        ));
     }
 
     #[test]

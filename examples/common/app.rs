@@ -37,89 +37,152 @@ struct SocketInfo {
 /// client's first event can arrive (socketioxide 0.18 answers the connect before an async
 /// connect handler runs).
 fn register(s: &SocketRef<A>, io: SocketIo<A>) {
-    s.on("join", async |s: SocketRef<A>, Data(room): Data<String>, ack: AckSender<A>| {
-        s.join(room);
-        let _ = ack.send("joined");
-    });
-    s.on("leave", async |s: SocketRef<A>, Data(room): Data<String>, ack: AckSender<A>| {
-        s.leave(room);
-        let _ = ack.send("left");
-    });
+    s.on(
+        "join",
+        async |s: SocketRef<A>, Data(room): Data<String>, ack: AckSender<A>| {
+            s.join(room);
+            let _ = ack.send("joined");
+        },
+    );
+    s.on(
+        "leave",
+        async |s: SocketRef<A>, Data(room): Data<String>, ack: AckSender<A>| {
+            s.leave(room);
+            let _ = ack.send("left");
+        },
+    );
     // Chat: to everyone else, on every node.
     s.on("chat", async |s: SocketRef<A>, Data(msg): Data<Value>| {
         let _ = s.broadcast().emit("chat", &msg).await;
     });
     // Emit to a room, wherever its sockets are.
-    s.on("to-room", async |s: SocketRef<A>, Data(req): Data<ToRoom>, ack: AckSender<A>| {
-        let res = s.within(req.room).emit(req.event, &req.data).await;
-        let _ = ack.send(&res.is_ok());
-    });
+    s.on(
+        "to-room",
+        async |s: SocketRef<A>, Data(req): Data<ToRoom>, ack: AckSender<A>| {
+            let res = s.within(req.room).emit(req.event, &req.data).await;
+            let _ = ack.send(&res.is_ok());
+        },
+    );
     let io2 = io.clone();
     // The sockets of the cluster, optionally in one room.
-    s.on("fetch", async move |Data(room): Data<Option<String>>, ack: AckSender<A>| {
-        let op = match room {
-            Some(r) => io2.to(r),
-            None => io2.broadcast(),
-        };
-        let list: Vec<SocketInfo> = match op.fetch_sockets().await {
-            Ok(sockets) => sockets
-                .iter()
-                .map(|s| SocketInfo {
-                    id: s.data().id.to_string(),
-                    server: s.data().server_id.to_string(),
-                    ns: s.data().ns.to_string(),
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        let _ = ack.send(&list);
-    });
+    s.on(
+        "fetch",
+        async move |Data(room): Data<Option<String>>, ack: AckSender<A>| {
+            let op = match room {
+                Some(r) => io2.to(r),
+                None => io2.broadcast(),
+            };
+            let list: Vec<SocketInfo> = match op.fetch_sockets().await {
+                Ok(sockets) => sockets
+                    .iter()
+                    .map(|s| SocketInfo {
+                        id: s.data().id.to_string(),
+                        server: s.data().server_id.to_string(),
+                        ns: s.data().ns.to_string(),
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            let _ = ack.send(&list);
+        },
+    );
     let io3 = io.clone();
     s.on("rooms", async move |ack: AckSender<A>| {
-        let mut rooms: Vec<String> = io3.rooms().await.unwrap_or_default().into_iter().map(|r| r.to_string()).collect();
+        let mut rooms: Vec<String> = io3
+            .rooms()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.to_string())
+            .collect();
         rooms.sort();
         let _ = ack.send(&rooms);
     });
     let io4 = io.clone();
     // Ask every socket of the cluster (but the asker) a question, answer with all replies.
-    s.on("ask-all", async move |s: SocketRef<A>, Data(q): Data<Value>, ack: AckSender<A>| {
-        let _ = &io4;
-        let answers: Vec<Value> = match s.broadcast().timeout(Duration::from_secs(5)).emit_with_ack::<_, Value>("question", &q).await {
-            Ok(stream) => stream.filter_map(|(_, r)| async move { r.ok() }).collect().await,
-            Err(_) => Vec::new(),
-        };
-        let _ = ack.send(&answers);
-    });
+    s.on(
+        "ask-all",
+        async move |s: SocketRef<A>, Data(q): Data<Value>, ack: AckSender<A>| {
+            let _ = &io4;
+            let answers: Vec<Value> = match s
+                .broadcast()
+                .timeout(Duration::from_secs(5))
+                .emit_with_ack::<_, Value>("question", &q)
+                .await
+            {
+                Ok(stream) => {
+                    stream
+                        .filter_map(|(_, r)| async move { r.ok() })
+                        .collect()
+                        .await
+                }
+                Err(_) => Vec::new(),
+            };
+            let _ = ack.send(&answers);
+        },
+    );
     let io5 = io.clone();
     // Operations on a socket of any node, by id.
-    s.on("remote", async move |Data(req): Data<Value>, ack: AckSender<A>| {
-        let id = req["id"].as_str().unwrap_or_default().to_string();
-        let sockets = io5.fetch_sockets().await.unwrap_or_default();
-        let Some(remote) = sockets.into_iter().find(|s| s.data().id.to_string() == id) else {
-            let _ = ack.send(&json!({"error": "no such socket"}));
-            return;
-        };
-        let res = match req["op"].as_str().unwrap_or_default() {
-            "emit" => json!(remote.emit("direct", &req["data"]).await.is_ok()),
-            "join" => json!(remote.join(req["room"].as_str().unwrap_or_default().to_string()).await.is_ok()),
-            "leave" => json!(remote.leave(req["room"].as_str().unwrap_or_default().to_string()).await.is_ok()),
-            "rooms" => json!(remote.rooms().await.unwrap_or_default().iter().map(|r| r.to_string()).collect::<Vec<_>>()),
-            "ask" => match remote.emit_with_ack::<_, Value>("question", &req["data"]).await {
-                Ok(stream) => json!(stream.filter_map(|(_, r)| async move { r.ok() }).collect::<Vec<_>>().await),
-                Err(e) => json!({"error": e.to_string()}),
-            },
-            "disconnect" => json!(remote.disconnect().await.is_ok()),
-            op => json!({"error": format!("unknown op {op}")}),
-        };
-        let _ = ack.send(&res);
-    });
+    s.on(
+        "remote",
+        async move |Data(req): Data<Value>, ack: AckSender<A>| {
+            let id = req["id"].as_str().unwrap_or_default().to_string();
+            let sockets = io5.fetch_sockets().await.unwrap_or_default();
+            let Some(remote) = sockets.into_iter().find(|s| s.data().id.to_string() == id) else {
+                let _ = ack.send(&json!({"error": "no such socket"}));
+                return;
+            };
+            let res = match req["op"].as_str().unwrap_or_default() {
+                "emit" => json!(remote.emit("direct", &req["data"]).await.is_ok()),
+                "join" => json!(
+                    remote
+                        .join(req["room"].as_str().unwrap_or_default().to_string())
+                        .await
+                        .is_ok()
+                ),
+                "leave" => json!(
+                    remote
+                        .leave(req["room"].as_str().unwrap_or_default().to_string())
+                        .await
+                        .is_ok()
+                ),
+                "rooms" => json!(
+                    remote
+                        .rooms()
+                        .await
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                ),
+                "ask" => match remote
+                    .emit_with_ack::<_, Value>("question", &req["data"])
+                    .await
+                {
+                    Ok(stream) => json!(
+                        stream
+                            .filter_map(|(_, r)| async move { r.ok() })
+                            .collect::<Vec<_>>()
+                            .await
+                    ),
+                    Err(e) => json!({"error": e.to_string()}),
+                },
+                "disconnect" => json!(remote.disconnect().await.is_ok()),
+                op => json!({"error": format!("unknown op {op}")}),
+            };
+            let _ = ack.send(&res);
+        },
+    );
 }
 
 /// The official socket.io client for the page, from the npm install of the JS tests when
 /// present (the page falls back to the CDN otherwise).
 async fn client_js() -> axum::response::Response {
     use axum::response::IntoResponse;
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/js/node_modules/socket.io-client/dist/socket.io.min.js");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/js/node_modules/socket.io-client/dist/socket.io.min.js"
+    );
     match tokio::fs::read(path).await {
         Ok(js) => ([(axum::http::header::CONTENT_TYPE, "text/javascript")], js).into_response(),
         Err(_) => axum::http::StatusCode::NOT_FOUND.into_response(),
@@ -156,8 +219,10 @@ pub async fn serve(mesh: Mesh, addr: SocketAddr) -> anyhow::Result<(SocketAddr, 
                     let members: Vec<Value> = mesh
                         .members()
                         .iter()
-                        .map(|m| json!({"node_id": m.node_id.to_string(), "addr": m.addr.to_string(),
-                            "namespaces": m.namespaces, "sockets": m.sockets}))
+                        .map(|m| {
+                            json!({"node_id": m.node_id.to_string(), "addr": m.addr.to_string(),
+                            "namespaces": m.namespaces, "sockets": m.sockets})
+                        })
                         .collect();
                     Json(json!({
                         "node_id": mesh.node_id().to_string(),

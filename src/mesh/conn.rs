@@ -83,7 +83,8 @@ pub(super) async fn dial(
     let timeout = shared.settings.connect_timeout;
     let res = tokio::time::timeout(timeout, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(transport_peer_error)?;
-        let hello = wire::encode_hello(&shared.hello).map_err(|e| PeerError::Malformed(e.to_string()))?;
+        let hello =
+            wire::encode_hello(&shared.hello).map_err(|e| PeerError::Malformed(e.to_string()))?;
         send.send(hello).await.map_err(transport_peer_error)?;
         send.finish();
         let frame = recv
@@ -111,7 +112,10 @@ pub(super) async fn dial(
 }
 
 /// Run the acceptor's side of the handshake on a new connection.
-pub(super) async fn accept(shared: &Shared, conn: &Arc<dyn Connection>) -> Result<Hello, PeerError> {
+pub(super) async fn accept(
+    shared: &Shared,
+    conn: &Arc<dyn Connection>,
+) -> Result<Hello, PeerError> {
     let timeout = shared.settings.connect_timeout;
     let res = tokio::time::timeout(timeout, async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(transport_peer_error)?;
@@ -138,7 +142,10 @@ pub(super) async fn accept(shared: &Shared, conn: &Arc<dyn Connection>) -> Resul
     .await
     .unwrap_or(Err(PeerError::HandshakeTimeout));
     if let Err(e) = &res {
-        shared.stats.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .handshakes_refused
+            .fetch_add(1, Ordering::Relaxed);
         warn!(remote = %conn.remote_addr(), error = %e, "refused peer handshake");
         // Give the reply a moment to leave before the close discards it.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -156,7 +163,9 @@ pub(super) async fn serve(
 ) -> TransportError {
     let mut streams = JoinSet::new();
     streams.spawn(write_gossip(conn.clone(), gossip_rx));
-    let query_slots = Arc::new(Semaphore::new(shared.settings.max_concurrent_streams as usize));
+    let query_slots = Arc::new(Semaphore::new(
+        shared.settings.max_concurrent_streams as usize,
+    ));
     let cancel = shared.cancel.clone();
     let err = loop {
         tokio::select! {
@@ -207,7 +216,12 @@ fn protocol_violation(shared: &Shared, conn: &Arc<dyn Connection>, peer: &Hello,
     conn.close(CloseCode::Protocol, &err.to_string());
 }
 
-async fn read_uni(shared: Arc<Shared>, conn: Arc<dyn Connection>, peer: Hello, mut recv: Box<dyn FrameRecv>) {
+async fn read_uni(
+    shared: Arc<Shared>,
+    conn: Arc<dyn Connection>,
+    peer: Hello,
+    mut recv: Box<dyn FrameRecv>,
+) {
     let res = read_uni_inner(&shared, &peer, &mut recv).await;
     match res {
         Ok(()) => {}
@@ -216,7 +230,11 @@ async fn read_uni(shared: Arc<Shared>, conn: Arc<dyn Connection>, peer: Hello, m
     }
 }
 
-async fn read_uni_inner(shared: &Arc<Shared>, peer: &Hello, recv: &mut Box<dyn FrameRecv>) -> Result<(), StreamError> {
+async fn read_uni_inner(
+    shared: &Arc<Shared>,
+    peer: &Hello,
+    recv: &mut Box<dyn FrameRecv>,
+) -> Result<(), StreamError> {
     let Some(header) = recv.recv().await? else {
         return Ok(());
     };
@@ -241,7 +259,11 @@ async fn read_uni_inner(shared: &Arc<Shared>, peer: &Hello, recv: &mut Box<dyn F
             while let Some(frame) = recv.recv().await? {
                 let msg = chitchat::ChitchatMessage::deserialize(&mut &frame[..])
                     .map_err(|e| PeerError::Malformed(format!("gossip message: {e}")))?;
-                if shared.gossip_in.try_send((peer.advertise_addr, msg)).is_err() {
+                if shared
+                    .gossip_in
+                    .try_send((peer.advertise_addr, msg))
+                    .is_err()
+                {
                     debug!("gossip inbox full, message dropped");
                 }
             }
@@ -260,10 +282,15 @@ async fn answer_query(
     let res = answer_query_inner(&shared, &peer, &mut send, &mut recv).await;
     match res {
         Ok(()) => {
-            shared.stats.queries_answered.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .queries_answered
+                .fetch_add(1, Ordering::Relaxed);
         }
         Err(StreamError::Protocol(e)) => protocol_violation(&shared, &conn, &peer, &e),
-        Err(StreamError::Transport(e)) => debug!(peer = %peer.node_id, error = %e, "query stream ended"),
+        Err(StreamError::Transport(e)) => {
+            debug!(peer = %peer.node_id, error = %e, "query stream ended")
+        }
     }
 }
 
@@ -279,13 +306,17 @@ async fn answer_query_inner(
     // See the commands the peer sent before this query.
     let mut applied = shared.inbound(*peer.node_id).subscribe();
     let wait = applied.wait_for(|n| *n >= header.after_seq);
-    if tokio::time::timeout(shared.settings.request_timeout, wait).await.is_err() {
+    if tokio::time::timeout(shared.settings.request_timeout, wait)
+        .await
+        .is_err()
+    {
         debug!(peer = %peer.node_id, after = header.after_seq, "answering before the preceding commands arrived");
     }
     drop(applied);
     let mut replies = shared.answer(peer.node_id, query);
     while let Some(reply) = replies.next().await {
-        let frame = wire::encode(&reply).map_err(|e| StreamError::Transport(TransportError::Io(e.to_string())))?;
+        let frame = wire::encode(&reply)
+            .map_err(|e| StreamError::Transport(TransportError::Io(e.to_string())))?;
         send.send(frame).await?;
     }
     send.finish();
@@ -299,7 +330,8 @@ async fn write_gossip(conn: Arc<dyn Connection>, mut rx: mpsc::Receiver<Bytes>) 
         if stream.is_none() {
             let opened = async {
                 let mut s = conn.open_uni().await?;
-                let header = wire::encode(&UniHeader::Gossip).map_err(|e| TransportError::Io(e.to_string()))?;
+                let header = wire::encode(&UniHeader::Gossip)
+                    .map_err(|e| TransportError::Io(e.to_string()))?;
                 s.send(header).await?;
                 Ok::<_, TransportError>(s)
             }

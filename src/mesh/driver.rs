@@ -89,9 +89,7 @@ pub(super) async fn spawn(
         departed: HashSet::new(),
         events_tx: events_tx.clone(),
     };
-    shared
-        .tasks
-        .spawn(accept_loop(shared.clone(), events_tx));
+    shared.tasks.spawn(accept_loop(shared.clone(), events_tx));
     shared
         .tasks
         .spawn(seed_loop(shared.clone(), cfg.seed_interval, seeds_tx));
@@ -105,7 +103,9 @@ impl Driver {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<Event>,
-        mut live: tokio::sync::watch::Receiver<std::collections::BTreeMap<chitchat::ChitchatId, chitchat::NodeState>>,
+        mut live: tokio::sync::watch::Receiver<
+            std::collections::BTreeMap<chitchat::ChitchatId, chitchat::NodeState>,
+        >,
         mut gossip_out: mpsc::Receiver<(SocketAddr, Bytes)>,
         mut seeds: mpsc::Receiver<Vec<SocketAddr>>,
     ) {
@@ -157,7 +157,9 @@ impl Driver {
                     }
                 }
                 Action::Route { node, conn } => {
-                    let conn = conn.and_then(|id| self.conns.get(&id)).map(|e| e.conn.clone());
+                    let conn = conn
+                        .and_then(|id| self.conns.get(&id))
+                        .map(|e| e.conn.clone());
                     let link = self.ensure_link(node);
                     link.set_conn(conn);
                 }
@@ -291,17 +293,23 @@ impl Driver {
     }
 
     fn conn_addr(&self, id: ConnId) -> SocketAddr {
-        self.conns.get(&id).map(|e| e.addr).unwrap_or(self.shared.hello.advertise_addr)
+        self.conns
+            .get(&id)
+            .map(|e| e.addr)
+            .unwrap_or(self.shared.hello.advertise_addr)
     }
 
-    fn on_members(&mut self, live: &std::collections::BTreeMap<chitchat::ChitchatId, chitchat::NodeState>) {
+    fn on_members(
+        &mut self,
+        live: &std::collections::BTreeMap<chitchat::ChitchatId, chitchat::NodeState>,
+    ) {
         let self_id = self.shared.membership.self_id().clone();
         let transport = self.shared.settings.transport.as_str();
         let mut members: Vec<Member> = parse_members(live, &self_id, transport)
             .into_iter()
             .filter(|m| !self.departed.contains(&*m.node_id))
             .collect();
-        members.sort_by(|a, b| a.addr.cmp(&b.addr));
+        members.sort_by_key(|m| m.addr);
         // Forget departed nodes once gossip forgot them too (bounded memory).
         let listed: HashSet<NodeId> = live
             .keys()
@@ -309,7 +317,8 @@ impl Driver {
             .collect();
         self.departed.retain(|n| listed.contains(n));
 
-        let pairs: Vec<(NodeId, SocketAddr)> = members.iter().map(|m| (*m.node_id, m.addr)).collect();
+        let pairs: Vec<(NodeId, SocketAddr)> =
+            members.iter().map(|m| (*m.node_id, m.addr)).collect();
         self.table.set_live(&pairs);
         for m in &members {
             let link = self.ensure_link(*m.node_id);
@@ -325,7 +334,11 @@ impl Driver {
     }
 
     fn on_gossip_out(&mut self, addr: SocketAddr, frame: Bytes) {
-        match self.gossip_routes.get(&addr).and_then(|id| self.conns.get(id)) {
+        match self
+            .gossip_routes
+            .get(&addr)
+            .and_then(|id| self.conns.get(id))
+        {
             Some(entry) => {
                 if entry.gossip_tx.try_send(frame).is_err() {
                     debug!(%addr, "gossip queue of connection full, message dropped");
@@ -399,7 +412,9 @@ async fn seed_loop(shared: Arc<Shared>, interval: Duration, tx: mpsc::Sender<Vec
         let mut addrs = Vec::new();
         for source in &shared.seeds {
             let ctx = shared.seed_ctx.clone();
-            match tokio::time::timeout(interval.max(Duration::from_secs(2)), source.seeds(&ctx)).await {
+            match tokio::time::timeout(interval.max(Duration::from_secs(2)), source.seeds(&ctx))
+                .await
+            {
                 Ok(Ok(found)) => addrs.extend(found),
                 Ok(Err(e)) => warn!(source = source.name(), error = %e, "seed source failed"),
                 Err(_) => warn!(source = source.name(), "seed source timed out"),

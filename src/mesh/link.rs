@@ -99,7 +99,11 @@ impl Link {
 
     /// Whether the peer is a live member (any namespace).
     pub(crate) fn is_member(&self) -> bool {
-        self.member.read().unwrap_or_else(|e| e.into_inner()).is_some() && !self.state.borrow().gone
+        self.member
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+            && !self.state.borrow().gone
     }
 
     /// The socketioxide server id the peer serves.
@@ -143,19 +147,18 @@ impl Link {
 
     /// Cut a slow peer off: close its connection and drop its queue. It reconnects.
     pub(crate) fn cut_off(&self) {
+        // Without a connection there is nothing to cut: the queue waits for the next one, and
+        // what overflows meanwhile is counted as lost by the caller.
+        let Some(conn) = self.state.borrow().conn.clone() else {
+            return;
+        };
         if self.cut_off.swap(true, Ordering::AcqRel) {
             return; // already being cut off
         }
         self.stats.slow_peer_cutoffs.fetch_add(1, Ordering::Relaxed);
         warn!(peer = %self.node_uid, queued_bytes = self.queued_bytes.load(Ordering::Relaxed),
             "peer does not keep up with its command queue: cutting it off");
-        match self.state.borrow().conn.clone() {
-            Some(conn) => conn.close(CloseCode::SlowPeer, "command queue overflow"),
-            None => {
-                // No connection to cut: the writer is idle, drop the queue here.
-                self.cut_off.store(false, Ordering::Release);
-            }
-        }
+        conn.close(CloseCode::SlowPeer, "command queue overflow");
     }
 
     /// Wait for a connection to the peer; `None` if it is gone.
@@ -219,7 +222,9 @@ impl Writer {
                     seq += 1;
                     dropped += 1;
                 }
-                self.stats.commands_lost.fetch_add(dropped, Ordering::Relaxed);
+                self.stats
+                    .commands_lost
+                    .fetch_add(dropped, Ordering::Relaxed);
                 warn!(peer = %self.node_uid, dropped, "dropped the queue of a cut-off peer");
             }
         }
@@ -262,7 +267,7 @@ impl Writer {
                 changed = self.state_rx.changed() => {
                     let moved = changed.is_err() || {
                         let s = self.state_rx.borrow();
-                        s.gone || !s.conn.as_ref().is_some_and(|c| c.id() == conn.id())
+                        s.gone || s.conn.as_ref().is_none_or(|c| c.id() != conn.id())
                     };
                     if moved {
                         stream.finish();

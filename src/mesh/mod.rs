@@ -6,6 +6,8 @@ mod conn;
 mod driver;
 mod link;
 mod request;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::HashMap,
@@ -362,7 +364,8 @@ impl Mesh {
             volatile_dropped: l(&s.volatile_dropped),
             slow_peer_cutoffs: l(&s.slow_peer_cutoffs),
             protocol_errors: l(&s.protocol_errors),
-            handshakes_refused: l(&s.handshakes_refused) + self.shared.transport.handshake_failures(),
+            handshakes_refused: l(&s.handshakes_refused)
+                + self.shared.transport.handshake_failures(),
             requests: l(&s.requests),
             request_peer_failures: l(&s.request_peer_failures),
             queries_answered: l(&s.queries_answered),
@@ -470,7 +473,10 @@ impl Mesh {
                 .await
                 .is_err()
             {
-                debug!(seed = seed.name(), "seed source did not acknowledge leaving in time");
+                debug!(
+                    seed = seed.name(),
+                    "seed source did not acknowledge leaving in time"
+                );
             }
         }
         shared.cancel.cancel();
@@ -572,7 +578,9 @@ impl Shared {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(ns.to_string(), handler);
-        self.membership.set(keys::SERVER_ID, &sio_id.to_string()).await;
+        self.membership
+            .set(keys::SERVER_ID, &sio_id.to_string())
+            .await;
         self.membership
             .set(&format!("{}{}", keys::NAMESPACE_PREFIX, ns), "")
             .await;
@@ -630,7 +638,11 @@ impl Shared {
     }
 
     /// Answer a query received from `from`.
-    pub(crate) fn answer(&self, from: Uid, query: Query) -> Pin<Box<dyn Stream<Item = Reply> + Send>> {
+    pub(crate) fn answer(
+        &self,
+        from: Uid,
+        query: Query,
+    ) -> Pin<Box<dyn Stream<Item = Reply> + Send>> {
         use futures_util::StreamExt;
         match query {
             Query::ServerEventWithAck { event, data } => {

@@ -83,10 +83,13 @@ impl Shared {
         if targets.is_empty() {
             return Ok(out);
         }
-        let permit = tokio::time::timeout_at(deadline, self.request_permits.clone().acquire_owned())
-            .await
-            .map_err(|_| Error::Encode("too many requests in flight (max_in_flight_requests)".into()))?
-            .map_err(|_| Error::Closed)?;
+        let permit =
+            tokio::time::timeout_at(deadline, self.request_permits.clone().acquire_owned())
+                .await
+                .map_err(|_| {
+                    Error::Encode("too many requests in flight (max_in_flight_requests)".into())
+                })?
+                .map_err(|_| Error::Closed)?;
         out._permit = Some(permit);
         let frame = self.encode_frame(query)?;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -98,7 +101,9 @@ impl Shared {
                 let ev = match res {
                     Ok(Ok(())) => PeerEvent::Done(node),
                     Ok(Err(e)) => PeerEvent::Failed(node, e),
-                    Err(_) => PeerEvent::Failed(node, PeerError::Transport("request timed out".into())),
+                    Err(_) => {
+                        PeerEvent::Failed(node, PeerError::Transport("request timed out".into()))
+                    }
                 };
                 // The requester may have stopped listening; nothing to do then.
                 let _ = tx.send(ev).await;
@@ -139,7 +144,9 @@ async fn ask(
                     // The peer's sockets went away before acking: fewer acks, not an error.
                     return Ok(());
                 }
-                return Err(PeerError::Transport("answer stream ended without an answer".into()));
+                return Err(PeerError::Transport(
+                    "answer stream ended without an answer".into(),
+                ));
             };
             let reply: Reply = wire::decode(&frame)?;
             match mode {
@@ -184,7 +191,9 @@ impl Outgoing {
             match self.rx.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Ready(Some(PeerEvent::Reply(node, reply))) => return Poll::Ready(Some((node, reply))),
+                Poll::Ready(Some(PeerEvent::Reply(node, reply))) => {
+                    return Poll::Ready(Some((node, reply)));
+                }
                 Poll::Ready(Some(PeerEvent::Done(node))) => self.gather.done(node),
                 Poll::Ready(Some(PeerEvent::Failed(node, e))) => {
                     self.shared

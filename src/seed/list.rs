@@ -108,7 +108,10 @@ mod tests {
         let got = seeds.seeds(&ctx()).await.unwrap();
         assert!(got.contains(&"127.0.0.1:5".parse().unwrap()));
         assert!(got.contains(&"10.0.0.1:5".parse().unwrap()));
-        assert!(got.iter().any(|a| a.port() == 6 && a.ip().is_loopback()), "{got:?}");
+        assert!(
+            got.iter().any(|a| a.port() == 6 && a.ip().is_loopback()),
+            "{got:?}"
+        );
     }
 
     #[tokio::test]

@@ -119,7 +119,9 @@ impl Transport for MemTransport {
         let (local, remote) = {
             let mut net = self.net.inner.lock().unwrap_or_else(|e| e.into_inner());
             if net.cut.contains(&(self.addr, addr)) {
-                return Err(TransportError::Connect(format!("{addr} unreachable (link cut)")));
+                return Err(TransportError::Connect(format!(
+                    "{addr} unreachable (link cut)"
+                )));
             }
             let peer = net
                 .endpoints
@@ -128,7 +130,8 @@ impl Transport for MemTransport {
                 .ok_or_else(|| TransportError::Connect(format!("{addr} unreachable")))?;
             if peer.identity.trusts != self.identity.issued_by {
                 // Like TLS 1.3: the client learns of its refusal when it uses the connection.
-                let (local, _remote) = MemConn::pair(self.addr, addr, self.max_frame, self.max_frame);
+                let (local, _remote) =
+                    MemConn::pair(self.addr, addr, self.max_frame, self.max_frame);
                 local.shared.set_closed(TransportError::Closed {
                     code: None,
                     reason: "peer refused our certificate".into(),
@@ -242,9 +245,11 @@ impl MemConn {
     }
 
     fn closed_error(&self) -> Option<TransportError> {
-        self.shared.closed_tx.borrow().as_ref().map(|(a, b)| {
-            if self.side == 0 { a.clone() } else { b.clone() }
-        })
+        self.shared
+            .closed_tx
+            .borrow()
+            .as_ref()
+            .map(|(a, b)| if self.side == 0 { a.clone() } else { b.clone() })
     }
 
     async fn wait_closed(shared: &Shared, side: usize) -> TransportError {
@@ -308,7 +313,10 @@ impl Connection for MemConn {
         self.open_bi_tx
             .send((send_back, recv_out))
             .await
-            .map_err(|_| self.closed_error().unwrap_or(TransportError::EndpointClosed))?;
+            .map_err(|_| {
+                self.closed_error()
+                    .unwrap_or(TransportError::EndpointClosed)
+            })?;
         Ok((Box::new(send_out), Box::new(recv_back)))
     }
 
@@ -331,10 +339,10 @@ impl Connection for MemConn {
             return Err(e);
         }
         let (send, recv) = self.stream(self.side, self.max_frame, usize::MAX);
-        self.open_uni_tx
-            .send(recv)
-            .await
-            .map_err(|_| self.closed_error().unwrap_or(TransportError::EndpointClosed))?;
+        self.open_uni_tx.send(recv).await.map_err(|_| {
+            self.closed_error()
+                .unwrap_or(TransportError::EndpointClosed)
+        })?;
         Ok(Box::new(send))
     }
 
@@ -374,8 +382,6 @@ impl Connection for MemConn {
             true
         });
     }
-
-
 }
 
 struct MemSend {

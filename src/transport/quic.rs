@@ -122,8 +122,10 @@ impl QuicTransport {
 impl Drop for QuicTransport {
     fn drop(&mut self) {
         self._accept_task.abort();
-        self.endpoint
-            .close(VarInt::from_u32(CloseCode::Leaving as u32), b"endpoint dropped");
+        self.endpoint.close(
+            VarInt::from_u32(CloseCode::Leaving as u32),
+            b"endpoint dropped",
+        );
     }
 }
 
@@ -306,10 +308,9 @@ impl Connection for QuicConn {
     }
 
     fn close(&self, code: CloseCode, reason: &str) {
-        self.conn.close(VarInt::from_u32(code as u32), reason.as_bytes());
+        self.conn
+            .close(VarInt::from_u32(code as u32), reason.as_bytes());
     }
-
-
 }
 
 struct QuicSend {

@@ -56,7 +56,9 @@ fn quic() -> Trio {
     let local = "127.0.0.1:0".parse().unwrap();
     Trio {
         a: Arc::new(QuicTransport::bind(local, &ca.node_tls("a").unwrap(), settings(BIG)).unwrap()),
-        b_small: Arc::new(QuicTransport::bind(local, &ca.node_tls("b").unwrap(), settings(SMALL)).unwrap()),
+        b_small: Arc::new(
+            QuicTransport::bind(local, &ca.node_tls("b").unwrap(), settings(SMALL)).unwrap(),
+        ),
         rogue: Arc::new(
             QuicTransport::bind(
                 local,
@@ -77,7 +79,10 @@ fn quic() -> Trio {
     }
 }
 
-async fn connect(from: &Arc<dyn Transport>, to: &Arc<dyn Transport>) -> (Arc<dyn super::Connection>, Arc<dyn super::Connection>) {
+async fn connect(
+    from: &Arc<dyn Transport>,
+    to: &Arc<dyn Transport>,
+) -> (Arc<dyn super::Connection>, Arc<dyn super::Connection>) {
     let (c, s) = tokio::join!(from.connect(to.local_addr()), async {
         tokio::time::timeout(Duration::from_secs(5), to.accept()).await
     });
@@ -107,7 +112,11 @@ async fn frames_round_trip(t: Trio) {
     for f in &frames {
         assert_eq!(recv.recv().await.unwrap().as_ref(), Some(f));
     }
-    assert_eq!(recv.recv().await.unwrap(), None, "finish reads as end of stream");
+    assert_eq!(
+        recv.recv().await.unwrap(),
+        None,
+        "finish reads as end of stream"
+    );
     let _server = echo.await.unwrap();
 }
 
@@ -134,7 +143,9 @@ async fn many_streams_in_flight(t: Trio) {
         let client = client.clone();
         asks.spawn(async move {
             let (mut send, mut recv) = client.open_bi().await.unwrap();
-            send.send(Bytes::copy_from_slice(&n.to_be_bytes())).await.unwrap();
+            send.send(Bytes::copy_from_slice(&n.to_be_bytes()))
+                .await
+                .unwrap();
             send.finish();
             let back = recv.recv().await.unwrap().unwrap();
             assert_eq!(u32::from_be_bytes(back[..4].try_into().unwrap()), n);
@@ -159,7 +170,9 @@ async fn uni_stream_keeps_order(t: Trio) {
     });
     let mut send = client.open_uni().await.unwrap();
     for n in 0u32..10_000 {
-        send.send(Bytes::copy_from_slice(&n.to_be_bytes())).await.unwrap();
+        send.send(Bytes::copy_from_slice(&n.to_be_bytes()))
+            .await
+            .unwrap();
     }
     send.finish();
     assert_eq!(reader.await.unwrap().0, 10_000);
@@ -169,7 +182,10 @@ async fn oversize_frames_are_refused(t: Trio) {
     // The sender refuses what exceeds its own limit...
     let (client, server) = connect(&t.b_small, &t.a).await;
     let (mut send, _recv) = client.open_bi().await.unwrap();
-    let err = send.send(Bytes::from(vec![0u8; SMALL + 1])).await.unwrap_err();
+    let err = send
+        .send(Bytes::from(vec![0u8; SMALL + 1]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TransportError::FrameTooLarge { .. }), "{err}");
     drop((client, server));
     // ...and the receiver refuses what exceeds its limit, whatever the sender's.
@@ -195,7 +211,10 @@ async fn close_reaches_peer_with_its_code(t: Trio) {
     let waiting = tokio::spawn(async move { server.accept_bi().await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(20)).await;
     client.close(CloseCode::SlowPeer, "queue overflow");
-    let res = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap();
     match res {
         Err(TransportError::Closed { code, reason }) => {
             assert_eq!(code, Some(CloseCode::SlowPeer));
@@ -218,8 +237,14 @@ async fn untrusted_peer_is_refused(t: Trio) {
         recv.recv().await
     };
     let (accepted, attempt) = tokio::join!(accepted, attempt);
-    assert!(attempt.is_err(), "the rogue peer could exchange a frame: {attempt:?}");
-    assert!(accepted.is_err(), "the endpoint accepted a connection from the rogue peer");
+    assert!(
+        attempt.is_err(),
+        "the rogue peer could exchange a frame: {attempt:?}"
+    );
+    assert!(
+        accepted.is_err(),
+        "the endpoint accepted a connection from the rogue peer"
+    );
 }
 
 macro_rules! suite {

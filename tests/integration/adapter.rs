@@ -41,7 +41,12 @@ async fn events_before_marker(client: &mut Client, ns: &str) -> anyhow::Result<V
 }
 
 async fn marker(node: &Node, ns: &str) -> anyhow::Result<()> {
-    node.io.of(ns).expect("namespace").emit("marker", &()).await.sio()?;
+    node.io
+        .of(ns)
+        .expect("namespace")
+        .emit("marker", &())
+        .await
+        .sio()?;
     Ok(())
 }
 
@@ -54,11 +59,26 @@ async fn broadcast_to_rooms_except_local_and_volatile() -> anyhow::Result<()> {
     join(&mut cl[2], "/", "blue").await?;
 
     // To a room whose members are all on other nodes.
-    c.nodes[2].io.to("red").emit("to-red", &json!({"n": 1})).await.sio()?;
+    c.nodes[2]
+        .io
+        .to("red")
+        .emit("to-red", &json!({"n": 1}))
+        .await
+        .sio()?;
     // Except a room.
-    c.nodes[0].io.except("red").emit("not-red", &()).await.sio()?;
+    c.nodes[0]
+        .io
+        .except("red")
+        .emit("not-red", &())
+        .await
+        .sio()?;
     // Several rooms: each socket once.
-    c.nodes[1].io.to(["red", "blue"]).emit("red-or-blue", &()).await.sio()?;
+    c.nodes[1]
+        .io
+        .to(["red", "blue"])
+        .emit("red-or-blue", &())
+        .await
+        .sio()?;
     // Local: never leaves node 0.
     c.nodes[0].io.local().emit("local", &()).await.sio()?;
     // From one socket to everyone else (broadcast flag excludes the sender).
@@ -89,7 +109,13 @@ async fn broadcast_to_rooms_except_local_and_volatile() -> anyhow::Result<()> {
 
     // Volatile still reaches remote nodes when nobody is overloaded. socketioxide sends
     // volatile packets outside the socket's ordered buffer, so no marker here: just wait.
-    c.nodes[1].io.volatile().to("blue").emit("volatile", &()).await.sio()?;
+    c.nodes[1]
+        .io
+        .volatile()
+        .to("blue")
+        .emit("volatile", &())
+        .await
+        .sio()?;
     cl[2].event("/", "volatile").await?;
     Ok(())
 }
@@ -128,7 +154,11 @@ async fn broadcast_with_ack_collects_every_node_and_ends_by_count() -> anyhow::R
     }
     // The ack timeout is 30 s (see common::serve) and WAIT is 20 s: a stream that waited for
     // the timeout instead of counting acks would fail here.
-    let stream = c.nodes[0].io.emit_with_ack::<_, String>("ask", &"question").await.sio()?;
+    let stream = c.nodes[0]
+        .io
+        .emit_with_ack::<_, String>("ask", &"question")
+        .await
+        .sio()?;
     let acks: Vec<_> = tokio::time::timeout(WAIT, stream.collect::<Vec<_>>()).await?;
     let mut answers: Vec<String> = acks
         .into_iter()
@@ -161,7 +191,10 @@ async fn broadcast_with_ack_reports_remote_timeouts() -> anyhow::Result<()> {
     let acks: Vec<_> = tokio::time::timeout(WAIT, stream.collect::<Vec<_>>()).await?;
     assert_eq!(acks.len(), 1);
     assert_eq!(acks[0].0.to_string(), silent.sid("/"));
-    let err = acks[0].1.as_ref().expect_err("the remote socket never answered");
+    let err = acks[0]
+        .1
+        .as_ref()
+        .expect_err("the remote socket never answered");
     assert!(err.to_string().to_lowercase().contains("timeout"), "{err}");
     silent.event("/", "ask").await?;
     Ok(())
@@ -179,8 +212,10 @@ async fn fetch_sockets_and_remote_socket_operations() -> anyhow::Result<()> {
     let mut expected: Vec<String> = cl.iter().map(|c| c.sid("/")).collect();
     expected.sort();
     assert_eq!(ids, expected);
-    let servers: std::collections::HashSet<String> =
-        sockets.iter().map(|s| s.data().server_id.to_string()).collect();
+    let servers: std::collections::HashSet<String> = sockets
+        .iter()
+        .map(|s| s.data().server_id.to_string())
+        .collect();
     assert_eq!(servers.len(), 3, "each socket reports its own server");
 
     // Filtered by room.
@@ -199,7 +234,12 @@ async fn fetch_sockets_and_remote_socket_operations() -> anyhow::Result<()> {
     remote.join("green").await.sio()?;
     let rooms = remote.rooms().await.sio()?;
     assert!(rooms.iter().any(|r| r == "green"), "{rooms:?}");
-    c.nodes[1].io.to("green").emit("to-green", &()).await.sio()?;
+    c.nodes[1]
+        .io
+        .to("green")
+        .emit("to-green", &())
+        .await
+        .sio()?;
     cl[2].event("/", "to-green").await?;
 
     let mut answering = {
@@ -238,7 +278,10 @@ async fn rooms_join_leave_disconnect_and_server_count() -> anyhow::Result<()> {
 
     let mut rooms = c.nodes[0].io.rooms().await.sio()?;
     rooms.sort();
-    assert!(rooms.contains(&"red".into()) && rooms.contains(&"blue".into()), "{rooms:?}");
+    assert!(
+        rooms.contains(&"red".into()) && rooms.contains(&"blue".into()),
+        "{rooms:?}"
+    );
 
     // Make every "red" socket, wherever it lives, join "team".
     c.nodes[2].io.to("red").join("team").await.sio()?;
@@ -258,7 +301,15 @@ async fn rooms_join_leave_disconnect_and_server_count() -> anyhow::Result<()> {
 
     c.nodes[1].io.to("team").leave("team").await.sio()?;
     // A request sees every command its node sent before it.
-    assert!(c.nodes[1].io.to("team").fetch_sockets().await.sio()?.is_empty());
+    assert!(
+        c.nodes[1]
+            .io
+            .to("team")
+            .fetch_sockets()
+            .await
+            .sio()?
+            .is_empty()
+    );
 
     for node in &c.nodes {
         assert_eq!(node.mesh.server_count("/"), 3);
@@ -275,14 +326,32 @@ async fn two_namespaces_share_one_mesh_and_stay_apart() -> anyhow::Result<()> {
     let mut main = c.nodes[1].client(&["/"]).await?;
     let mut admin = c.nodes[1].client(&["/admin"]).await?;
 
-    c.nodes[0].io.of("/admin").expect("ns").emit("admin-only", &1).await.sio()?;
+    c.nodes[0]
+        .io
+        .of("/admin")
+        .expect("ns")
+        .emit("admin-only", &1)
+        .await
+        .sio()?;
     c.nodes[0].io.emit("main-only", &2).await.sio()?;
     marker(&c.nodes[0], "/").await?;
     marker(&c.nodes[0], "/admin").await?;
-    assert_eq!(events_before_marker(&mut main, "/").await?, vec!["main-only"]);
-    assert_eq!(events_before_marker(&mut admin, "/admin").await?, vec!["admin-only"]);
+    assert_eq!(
+        events_before_marker(&mut main, "/").await?,
+        vec!["main-only"]
+    );
+    assert_eq!(
+        events_before_marker(&mut admin, "/admin").await?,
+        vec!["admin-only"]
+    );
 
-    let admins = c.nodes[0].io.of("/admin").expect("ns").fetch_sockets().await.sio()?;
+    let admins = c.nodes[0]
+        .io
+        .of("/admin")
+        .expect("ns")
+        .fetch_sockets()
+        .await
+        .sio()?;
     assert_eq!(admins.len(), 1);
     assert_eq!(admins[0].data().id.to_string(), admin.sid("/admin"));
     assert_eq!(admins[0].data().ns, "/admin");
@@ -303,7 +372,10 @@ async fn server_side_events_reach_every_other_node_with_acks() -> anyhow::Result
             }
         });
     }
-    c.nodes[0].mesh.server_side_emit("cache:flush", "users").await?;
+    c.nodes[0]
+        .mesh
+        .server_side_emit("cache:flush", "users")
+        .await?;
     let mut got = Vec::new();
     for _ in 0..2 {
         got.push(tokio::time::timeout(WAIT, rx.recv()).await?.expect("event"));
@@ -311,7 +383,10 @@ async fn server_side_events_reach_every_other_node_with_acks() -> anyhow::Result
     got.sort();
     assert_eq!(
         got,
-        vec![(1, "cache:flush".into(), "users".into()), (2, "cache:flush".into(), "users".into())]
+        vec![
+            (1, "cache:flush".into(), "users".into()),
+            (2, "cache:flush".into(), "users".into())
+        ]
     );
 
     let mut answers: Vec<String> = c.nodes[1]

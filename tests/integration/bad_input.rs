@@ -13,7 +13,8 @@ async fn still_serving(c: &Cluster, creds: &socketioxide_mesh::NodeCert) -> anyh
     let peer = RawPeer::new(c.ca.cert_pem(), Some((&creds.cert_pem, &creds.key_pem)))?;
     let conn = peer.join(c.seed(), "test-cluster").await?;
     let mut uni = conn.open_uni().await?;
-    uni.write_all(&frame(&rmp_serde::to_vec(&commands_header())?)).await?;
+    uni.write_all(&frame(&rmp_serde::to_vec(&commands_header())?))
+        .await?;
     uni.write_all(&frame(&broadcast_all("from-raw")?)).await?;
     uni.finish()?;
     client.event("/", "from-raw").await?;

@@ -57,7 +57,11 @@ pub struct Client {
 }
 
 fn ns_prefix(ns: &str) -> String {
-    if ns == "/" { String::new() } else { format!("{ns},") }
+    if ns == "/" {
+        String::new()
+    } else {
+        format!("{ns},")
+    }
 }
 
 fn parse_packet(text: &str) -> anyhow::Result<(Packet, usize)> {
@@ -69,7 +73,9 @@ fn parse_packet(text: &str) -> anyhow::Result<(Packet, usize)> {
     rest = &rest[1..];
     let mut attachments = 0;
     if kind == 5 || kind == 6 {
-        let dash = rest.find('-').ok_or_else(|| anyhow!("binary packet without count"))?;
+        let dash = rest
+            .find('-')
+            .ok_or_else(|| anyhow!("binary packet without count"))?;
         attachments = rest[..dash].parse()?;
         rest = &rest[dash + 1..];
     }
@@ -80,9 +86,17 @@ fn parse_packet(text: &str) -> anyhow::Result<(Packet, usize)> {
         rest = rest.get(end + 1..).unwrap_or("");
     }
     let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
-    let id = if digits > 0 { Some(rest[..digits].parse()?) } else { None };
+    let id = if digits > 0 {
+        Some(rest[..digits].parse()?)
+    } else {
+        None
+    };
     rest = &rest[digits..];
-    let data = if rest.is_empty() { Value::Null } else { serde_json::from_str(rest)? };
+    let data = if rest.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(rest)?
+    };
     Ok((
         Packet {
             kind,
@@ -185,7 +199,9 @@ impl Client {
             .wait_for(|p| p.kind == 0 && p.ns == ns)
             .await
             .with_context(|| format!("connect to namespace {ns}"))?;
-        let sid = p.data["sid"].as_str().ok_or_else(|| anyhow!("no sid in {p:?}"))?;
+        let sid = p.data["sid"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no sid in {p:?}"))?;
         self.sids.insert(ns.to_string(), sid.to_string());
         Ok(())
     }
@@ -198,15 +214,13 @@ impl Client {
         let _ = self.out.send(Message::Text(text.into()));
     }
 
-    /// Emit an event (fire and forget).
-    pub fn emit(&self, ns: &str, event: &str, args: Vec<Value>) {
-        let mut data = vec![json!(event)];
-        data.extend(args);
-        self.send_raw(format!("42{}{}", ns_prefix(ns), Value::Array(data)));
-    }
-
     /// Emit an event and wait for the server's ack.
-    pub async fn emit_with_ack(&mut self, ns: &str, event: &str, args: Vec<Value>) -> anyhow::Result<Vec<Value>> {
+    pub async fn emit_with_ack(
+        &mut self,
+        ns: &str,
+        event: &str,
+        args: Vec<Value>,
+    ) -> anyhow::Result<Vec<Value>> {
         let id = self.next_ack;
         self.next_ack += 1;
         let mut data = vec![json!(event)];
@@ -222,11 +236,6 @@ impl Client {
     pub fn ack(&self, p: &Packet, args: Vec<Value>) {
         let id = p.id.expect("packet has no ack id");
         self.send_raw(format!("43{}{id}{}", ns_prefix(&p.ns), Value::Array(args)));
-    }
-
-    /// Leave a namespace.
-    pub fn leave_ns(&self, ns: &str) {
-        self.send_raw(format!("41{}", ns_prefix(ns)));
     }
 
     /// Wait for the next packet matching `pred`; others are kept for later calls.
@@ -258,16 +267,6 @@ impl Client {
     /// The next event on `ns` whatever its name, in arrival order.
     pub async fn next_event(&mut self, ns: &str) -> anyhow::Result<Packet> {
         self.wait_for(|p| p.ns == ns && p.event().is_some()).await
-    }
-
-    /// Events named `event` received so far and not consumed (without waiting).
-    pub fn drain_stashed(&mut self, ns: &str, event: &str) -> Vec<Packet> {
-        let (hit, keep): (Vec<_>, Vec<_>) = self
-            .stash
-            .drain(..)
-            .partition(|p| p.ns == ns && p.event() == Some(event));
-        self.stash = keep.into();
-        hit
     }
 
     /// Wait until the server disconnects this client from `ns` (or closes the connection).

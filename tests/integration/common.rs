@@ -55,14 +55,20 @@ impl Node {
 /// the client's connect before an (async) connect handler runs, so handlers registered there
 /// could miss the client's first events. Middlewares run before the answer.
 pub async fn register_handlers(s: SocketRef<A>) -> Result<(), std::convert::Infallible> {
-    s.on("join", async |s: SocketRef<A>, Data(room): Data<String>, ack: AckSender<A>| {
-        s.join(room);
-        let _ = ack.send("joined");
-    });
-    s.on("leave", async |s: SocketRef<A>, Data(room): Data<String>, ack: AckSender<A>| {
-        s.leave(room);
-        let _ = ack.send("left");
-    });
+    s.on(
+        "join",
+        async |s: SocketRef<A>, Data(room): Data<String>, ack: AckSender<A>| {
+            s.join(room);
+            let _ = ack.send("joined");
+        },
+    );
+    s.on(
+        "leave",
+        async |s: SocketRef<A>, Data(room): Data<String>, ack: AckSender<A>| {
+            s.leave(room);
+            let _ = ack.send("left");
+        },
+    );
     s.on("echo", async |Data(v): Data<Value>, ack: AckSender<A>| {
         let _ = ack.send(&v);
     });
@@ -149,7 +155,10 @@ impl Cluster {
         Self::start_with(n, |c| c).await
     }
 
-    pub async fn start_with(n: usize, tweak: impl Fn(MeshConfig) -> MeshConfig) -> anyhow::Result<Cluster> {
+    pub async fn start_with(
+        n: usize,
+        tweak: impl Fn(MeshConfig) -> MeshConfig,
+    ) -> anyhow::Result<Cluster> {
         logs();
         let ca = Arc::new(DevCa::generate("test CA")?);
         let first = start_node(tweak(config(&ca, "node-0", &[]))).await?;

@@ -24,7 +24,17 @@ async fn killed_node_ends_inflight_requests_early() -> anyhow::Result<()> {
     .await?;
     for node in &c.nodes {
         let mut members = node.mesh.watch_members();
-        tokio::time::timeout(WAIT, members.wait_for(|m| m.len() == 2 && m.iter().all(|m| m.serves("/")))).await??;
+        tokio::time::timeout(
+            WAIT,
+            members.wait_for(|m| m.len() == 2 && m.iter().all(|m| m.serves("/"))),
+        )
+        .await??;
+        let listed = node
+            .mesh
+            .members()
+            .iter()
+            .any(|m| m.node_id.to_string() == victim.node_id && m.addr == victim.mesh);
+        assert!(listed, "the victim process is a member");
     }
     let survivor = c.nodes[1].client(&["/"]).await?;
     let _doomed = Client::connect(victim.http, &["/"]).await?;
@@ -52,7 +62,11 @@ async fn killed_node_ends_inflight_requests_early() -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     eprintln!("fetch_sockets with a node killed in flight took {elapsed:?}");
     let ids: Vec<String> = sockets.iter().map(|s| s.data().id.to_string()).collect();
-    assert_eq!(ids, vec![survivor.sid("/")], "the survivors answer with their sockets");
+    assert_eq!(
+        ids,
+        vec![survivor.sid("/")],
+        "the survivors answer with their sockets"
+    );
     assert!(
         elapsed < REQUEST_TIMEOUT / 2,
         "the request waited {elapsed:?}: the dead node stalled it (timeout {REQUEST_TIMEOUT:?})"
@@ -79,5 +93,54 @@ async fn graceful_shutdown_is_noticed_at_once() -> anyhow::Result<()> {
     assert!(started.elapsed() < REQUEST_TIMEOUT / 2);
     let mut members = c.nodes[0].mesh.watch_members();
     tokio::time::timeout(WAIT, members.wait_for(|m| m.len() == 1)).await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_peer_is_cut_off_without_stalling_the_others() -> anyhow::Result<()> {
+    // A small queue, and a patient failure detector, so the frozen peer overflows its queue
+    // long before it is declared dead.
+    let c = Cluster::start_with(2, |cfg| {
+        cfg.with_peer_queue(8, 64 * 1024 * 1024)
+            .with_phi_threshold(40.0)
+    })
+    .await?;
+    let certs = TempDir::new("slow");
+    c.ca.write_dir(&certs.0, "slow")?;
+    let slow = ProcNode::spawn(
+        &certs.0,
+        &[c.seed()],
+        &[("MESH_CLUSTER_ID", "test-cluster")],
+    )
+    .await?;
+    for node in &c.nodes {
+        let mut members = node.mesh.watch_members();
+        tokio::time::timeout(
+            WAIT,
+            members.wait_for(|m| m.len() == 2 && m.iter().all(|m| m.serves("/"))),
+        )
+        .await??;
+    }
+    let mut healthy = c.nodes[1].client(&["/"]).await?;
+    slow.signal("STOP").await?;
+
+    // Closed loop: each broadcast must reach the healthy peer before the next one. The frozen
+    // peer reads nothing: its transport window, then its queue fill up, and it is cut off.
+    // Emitting never waits for it.
+    let payload = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    for i in 0..200u32 {
+        c.nodes[0]
+            .io
+            .emit("big", &(i, payload.clone()))
+            .await
+            .sio()?;
+        let p = healthy.event("/", "big").await?;
+        assert_eq!(p.args()[0], serde_json::json!(i));
+        assert_eq!(p.bins[0].len(), payload.len());
+    }
+    let stats = c.nodes[0].mesh.stats();
+    assert!(stats.slow_peer_cutoffs >= 1, "{stats:?}");
+    let mut slow = slow;
+    slow.child.kill().await?;
     Ok(())
 }

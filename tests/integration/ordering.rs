@@ -9,7 +9,13 @@ use crate::common::*;
 async fn join_then_room_emit_arrives_on_a_remote_node() -> anyhow::Result<()> {
     let c = Cluster::start(2).await?;
     let mut client = c.nodes[1].client(&["/"]).await?;
-    let remote = c.nodes[0].io.fetch_sockets().await.sio()?.pop().expect("the remote socket");
+    let remote = c.nodes[0]
+        .io
+        .fetch_sockets()
+        .await
+        .sio()?
+        .pop()
+        .expect("the remote socket");
     assert_eq!(remote.data().id.to_string(), client.sid("/"));
     for round in 0..50 {
         let room = format!("fresh-{round}");
@@ -52,10 +58,22 @@ async fn request_sees_the_commands_sent_before_it() -> anyhow::Result<()> {
             remote.join(room.clone()).await.sio()?;
         }
         let found = c.nodes[0].io.to(room.clone()).fetch_sockets().await.sio()?;
-        assert_eq!(found.len(), 2, "round {round}: the joins were not applied before the fetch");
-        c.nodes[0].io.to(room.clone()).leave(room.clone()).await.sio()?;
+        assert_eq!(
+            found.len(),
+            2,
+            "round {round}: the joins were not applied before the fetch"
+        );
+        c.nodes[0]
+            .io
+            .to(room.clone())
+            .leave(room.clone())
+            .await
+            .sio()?;
         let rooms = c.nodes[0].io.rooms().await.sio()?;
-        assert!(!rooms.iter().any(|r| *r == room), "round {round}: the leave was not applied before rooms()");
+        assert!(
+            !rooms.iter().any(|r| *r == room),
+            "round {round}: the leave was not applied before rooms()"
+        );
     }
     Ok(())
 }

@@ -24,7 +24,11 @@ pub fn example_bin(name: &str) -> anyhow::Result<PathBuf> {
         .and_then(Path::parent)
         .ok_or_else(|| anyhow!("unexpected test binary location {}", exe.display()))?;
     let bin = dir.join("examples").join(name);
-    anyhow::ensure!(bin.exists(), "{} is missing: run the tests with `cargo test` (it builds examples)", bin.display());
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test` (it builds examples)",
+        bin.display()
+    );
     Ok(bin)
 }
 
@@ -37,7 +41,11 @@ pub struct ProcNode {
 
 impl ProcNode {
     /// Start `examples/node` with the given certificate folder, seeds and extra environment.
-    pub async fn spawn(certs: &Path, seeds: &[SocketAddr], env: &[(&str, &str)]) -> anyhow::Result<ProcNode> {
+    pub async fn spawn(
+        certs: &Path,
+        seeds: &[SocketAddr],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<ProcNode> {
         let mut cmd = Command::new(example_bin("node")?);
         cmd.arg("--http")
             .arg("127.0.0.1:0")
@@ -63,10 +71,16 @@ impl ProcNode {
             .await
             .context("node did not print its ready line")??
             .ok_or_else(|| anyhow!("node exited before it was ready"))?;
-        let ready: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("ready line {line:?}"))?;
+        let ready: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("ready line {line:?}"))?;
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let field = |k: &str| ready[k].as_str().map(String::from).ok_or_else(|| anyhow!("no {k} in {line}"));
+        let field = |k: &str| {
+            ready[k]
+                .as_str()
+                .map(String::from)
+                .ok_or_else(|| anyhow!("no {k} in {line}"))
+        };
         Ok(ProcNode {
             http: field("http")?.parse()?,
             mesh: field("mesh")?.parse()?,
@@ -108,7 +122,10 @@ impl TempDir {
 
 fn fastrand_suffix() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 impl Drop for TempDir {

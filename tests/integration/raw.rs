@@ -64,8 +64,10 @@ impl RawPeer {
             .with_root_certificates(roots);
         let mut tls = match cert {
             Some((cert, key)) => {
-                let chain = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-                builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes())?)?
+                let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()?;
+                builder
+                    .with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes())?)?
             }
             None => builder.with_no_client_auth(),
         };
@@ -82,7 +84,11 @@ impl RawPeer {
     }
 
     /// Connect and send a hello frame; return the decoded reply.
-    pub async fn handshake(&self, to: SocketAddr, hello: &[u8]) -> anyhow::Result<(quinn::Connection, HelloReply)> {
+    pub async fn handshake(
+        &self,
+        to: SocketAddr,
+        hello: &[u8],
+    ) -> anyhow::Result<(quinn::Connection, HelloReply)> {
         let conn = self.connect(to).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(hello).await?;
@@ -90,7 +96,10 @@ impl RawPeer {
         let reply = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv))
             .await
             .context("no reply to hello")??;
-        anyhow::ensure!(reply.len() >= 6 && &reply[..4] == MAGIC, "reply without magic");
+        anyhow::ensure!(
+            reply.len() >= 6 && &reply[..4] == MAGIC,
+            "reply without magic"
+        );
         let reply: HelloReply = rmp_serde::from_slice(&reply[6..])?;
         Ok((conn, reply))
     }
@@ -112,7 +121,13 @@ impl RawPeer {
     pub async fn join(&self, to: SocketAddr, cluster: &str) -> anyhow::Result<quinn::Connection> {
         let (conn, reply) = self.handshake(to, &self.good_hello(cluster)).await?;
         match reply {
-            HelloReply::Welcome(_) => Ok(conn),
+            HelloReply::Welcome(node) => {
+                anyhow::ensure!(
+                    node.cluster_id == cluster && node.transport == "quic",
+                    "odd welcome {node:?}"
+                );
+                Ok(conn)
+            }
             HelloReply::Refused(r) => Err(anyhow!("refused: {r}")),
         }
     }
@@ -129,9 +144,10 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> anyhow::Result<Vec<u8>>
 /// The application close code and reason of a connection the node closed.
 pub async fn close_of(conn: &quinn::Connection) -> (u64, String) {
     match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
-        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-            (c.error_code.into_inner(), String::from_utf8_lossy(&c.reason).into_owned())
-        }
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => (
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into_owned(),
+        ),
         Ok(other) => (u64::MAX, other.to_string()),
         Err(_) => (u64::MAX, "connection still open".into()),
     }

@@ -2,7 +2,7 @@
 //! anything else cannot deliver a single frame or gossip message.
 
 use serde_json::json;
-use socketioxide_mesh::{DevCa, Mesh, MeshConfig, StaticSeeds};
+use socketioxide_mesh::{DevCa, MeshConfig, StaticSeeds};
 
 use crate::{common::*, raw::*};
 
@@ -21,11 +21,18 @@ async fn refused_at_least(node: &Node, n: u64) -> anyhow::Result<()> {
 /// nothing from the intruder.
 async fn cluster_intact(c: &Cluster, intruder: Option<&Node>) -> anyhow::Result<()> {
     for node in &c.nodes {
-        assert_eq!(node.mesh.members().len(), c.nodes.len() - 1, "membership changed");
+        assert_eq!(
+            node.mesh.members().len(),
+            c.nodes.len() - 1,
+            "membership changed"
+        );
     }
     let mut client = c.nodes[0].client(&["/"]).await?;
     if let Some(intruder) = intruder {
-        assert!(intruder.mesh.members().is_empty(), "the intruder sees members");
+        assert!(
+            intruder.mesh.members().is_empty(),
+            "the intruder sees members"
+        );
         intruder.io.emit("evil", &()).await.sio()?;
     }
     c.nodes[1].io.emit("marker", &()).await.sio()?;
@@ -62,8 +69,13 @@ async fn node_without_certificate_is_refused() -> anyhow::Result<()> {
     let c = Cluster::start(2).await?;
     let before = c.nodes[0].mesh.stats().handshakes_refused;
     let peer = RawPeer::new(c.ca.cert_pem(), None)?;
-    let res = peer.handshake(c.seed(), &peer.good_hello("test-cluster")).await;
-    assert!(res.is_err(), "a peer without a certificate got a reply: {res:?}");
+    let res = peer
+        .handshake(c.seed(), &peer.good_hello("test-cluster"))
+        .await;
+    assert!(
+        res.is_err(),
+        "a peer without a certificate got a reply: {res:?}"
+    );
     refused_at_least(&c.nodes[0], before + 1).await?;
     cluster_intact(&c, None).await
 }
@@ -74,7 +86,9 @@ async fn node_of_another_cluster_is_refused_with_a_reason() -> anyhow::Result<()
     // A raw peer with a valid certificate but another cluster id: refused, with the reason.
     let creds = c.ca.issue("stranger")?;
     let peer = RawPeer::new(c.ca.cert_pem(), Some((&creds.cert_pem, &creds.key_pem)))?;
-    let (conn, reply) = peer.handshake(c.seed(), &peer.good_hello("other-cluster")).await?;
+    let (conn, reply) = peer
+        .handshake(c.seed(), &peer.good_hello("other-cluster"))
+        .await?;
     match reply {
         HelloReply::Refused(reason) => assert!(reason.contains("other-cluster"), "{reason}"),
         HelloReply::Welcome(_) => panic!("a node of another cluster was welcomed"),
@@ -102,7 +116,8 @@ async fn nothing_is_read_before_a_welcome() -> anyhow::Result<()> {
     let conn = peer.connect(c.seed()).await?;
     // A command stream carrying a broadcast to every socket of "/", sent before any hello.
     let mut uni = conn.open_uni().await?;
-    uni.write_all(&frame(&rmp_serde::to_vec(&commands_header())?)).await?;
+    uni.write_all(&frame(&rmp_serde::to_vec(&commands_header())?))
+        .await?;
     uni.write_all(&frame(&broadcast_all("evil")?)).await?;
     uni.finish()?;
     // Then a hello for another cluster: refused.
@@ -144,7 +159,15 @@ pub fn broadcast_all(event: &str) -> anyhow::Result<Vec<u8>> {
     #[derive(serde::Serialize)]
     enum Command<P> {
         #[serde(rename = "0")]
-        Broadcast { ns: &'static str, opts: BroadcastOptions, packet: P },
+        Broadcast {
+            ns: &'static str,
+            opts: BroadcastOptions,
+            packet: P,
+        },
     }
-    Ok(rmp_serde::to_vec(&Command::Broadcast { ns: "/", opts, packet })?)
+    Ok(rmp_serde::to_vec(&Command::Broadcast {
+        ns: "/",
+        opts,
+        packet,
+    })?)
 }
