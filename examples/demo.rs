@@ -35,8 +35,12 @@ async fn main() -> anyhow::Result<()> {
         }
         let mesh = Mesh::start(config).await?;
         seed.get_or_insert(mesh.advertise_addr());
-        let (http, _io) =
-            app::serve(mesh.clone(), SocketAddr::from(([127, 0, 0, 1], base + i))).await?;
+        let (http, _io) = app::serve(
+            mesh.clone(),
+            SocketAddr::from(([127, 0, 0, 1], base + i)),
+            false,
+        )
+        .await?;
         println!(
             "node {i}: mesh on {} (QUIC, mutual TLS), chat on http://{http}/",
             mesh.advertise_addr()

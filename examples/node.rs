@@ -41,6 +41,9 @@ struct Cli {
     /// Cluster id: nodes only talk within the same cluster.
     #[arg(long, env = "MESH_CLUSTER_ID")]
     cluster: Option<String>,
+    /// Socket.IO parser: `json` (default) or `msgpack`.
+    #[arg(long, env = "SIO_PARSER", default_value = "json")]
+    parser: String,
 }
 
 #[derive(Subcommand)]
@@ -93,7 +96,12 @@ async fn main() -> anyhow::Result<()> {
     let config =
         MeshConfig::from_lookup(|k| vars.get(k).cloned().or_else(|| std::env::var(k).ok()))?;
     let mesh = Mesh::start(config).await?;
-    let (http, _io) = app::serve(mesh.clone(), cli.http).await?;
+    let msgpack = match cli.parser.as_str() {
+        "json" => false,
+        "msgpack" => true,
+        other => anyhow::bail!("unknown parser {other:?}: use json or msgpack"),
+    };
+    let (http, _io) = app::serve(mesh.clone(), cli.http, msgpack).await?;
     let ready = serde_json::json!({
         "event": "ready",
         "http": http.to_string(),

@@ -26,6 +26,12 @@ struct ToRoom {
     data: Value,
 }
 
+#[derive(Deserialize)]
+struct BinToRoom {
+    room: String,
+    data: bytes::Bytes,
+}
+
 #[derive(Serialize)]
 struct SocketInfo {
     id: String,
@@ -60,6 +66,14 @@ fn register(s: &SocketRef<A>, io: SocketIo<A>) {
         "to-room",
         async |s: SocketRef<A>, Data(req): Data<ToRoom>, ack: AckSender<A>| {
             let res = s.within(req.room).emit(req.event, &req.data).await;
+            let _ = ack.send(&res.is_ok());
+        },
+    );
+    // Binary data to a room: `{room, data}`, emitted as event "bin".
+    s.on(
+        "bin-to-room",
+        async |s: SocketRef<A>, Data(req): Data<BinToRoom>, ack: AckSender<A>| {
+            let res = s.within(req.room).emit("bin", &req.data).await;
             let _ = ack.send(&res.is_ok());
         },
     );
@@ -189,13 +203,19 @@ async fn client_js() -> axum::response::Response {
     }
 }
 
-/// Build the Socket.IO layer on `mesh` and serve it with the chat page and a `/mesh` status
+/// Build the Socket.IO layer on `mesh` (MessagePack parser when `msgpack` is set: clients must
+/// use `socket.io-msgpack-parser` then) and serve it with the chat page and a `/mesh` status
 /// endpoint on `addr`. Returns the bound address and the server's `SocketIo`.
-pub async fn serve(mesh: Mesh, addr: SocketAddr) -> anyhow::Result<(SocketAddr, SocketIo<A>)> {
-    let (layer, io) = SocketIo::builder()
-        .max_buffer_size(4096)
-        .with_adapter::<A>(mesh.clone())
-        .build_layer();
+pub async fn serve(
+    mesh: Mesh,
+    addr: SocketAddr,
+    msgpack: bool,
+) -> anyhow::Result<(SocketAddr, SocketIo<A>)> {
+    let mut builder = SocketIo::builder().max_buffer_size(4096);
+    if msgpack {
+        builder = builder.with_parser(socketioxide::ParserConfig::msgpack());
+    }
+    let (layer, io) = builder.with_adapter::<A>(mesh.clone()).build_layer();
     for ns in ["/", "/admin"] {
         let io2 = io.clone();
         let middleware = move |s: SocketRef<A>| {

@@ -5,6 +5,7 @@ mod bad_input;
 mod client;
 mod common;
 mod death;
+mod js;
 mod ordering;
 mod process;
 mod raw;

@@ -1,0 +1,105 @@
+//! The official Socket.IO JS client (npm `socket.io-client`) against a cluster of node
+//! processes found through static seeds, with both the JSON and the MessagePack parsers.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::{common::*, process::*};
+
+async fn run_interop(parser: &str) -> anyhow::Result<()> {
+    logs();
+    let js = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    anyhow::ensure!(
+        js.join("node_modules/socket.io-client").exists(),
+        "the JS client is not installed: run `npm ci --prefix tests/js` (.ci/run does)"
+    );
+    let ca = socketioxide_mesh::DevCa::generate("js CA")?;
+    let certs = TempDir::new("js");
+    let env = [("MESH_CLUSTER_ID", "js"), ("SIO_PARSER", parser)];
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let dir = certs.0.join(format!("node-{i}"));
+        ca.write_dir(&dir, &format!("node-{i}"))?;
+        let seeds: Vec<_> = nodes
+            .first()
+            .map(|n: &ProcNode| vec![n.mesh])
+            .unwrap_or_default();
+        nodes.push(ProcNode::spawn(&dir, &seeds, &env).await?);
+    }
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.current_dir(&js).arg("interop.mjs");
+    if parser == "msgpack" {
+        cmd.arg("--msgpack");
+    }
+    // The script connects once every node lists the two others: ask them.
+    for node in &nodes {
+        wait_members(node, 2).await?;
+        cmd.arg(format!("http://{}", node.http));
+    }
+    let out = tokio::time::timeout(WAIT * 3, cmd.output())
+        .await
+        .context("the JS client did not finish")?
+        .context("run node (is Node.js installed?)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "JS interop failed with the {parser} parser:\n{stdout}"
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        7,
+        "{stdout}"
+    );
+    Ok(())
+}
+
+/// Ask a node process for its members until it lists `n` of them (its `/mesh` endpoint).
+async fn wait_members(node: &ProcNode, n: usize) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = http_get(node.http, "/mesh").await.unwrap_or_default();
+        let members = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["members"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if members >= n {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "node {} sees {members} members",
+            node.http
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A minimal HTTP/1.1 GET (no client library needed for one JSON endpoint).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    Ok(body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_js_client_json_parser() -> anyhow::Result<()> {
+    run_interop("json").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_js_client_msgpack_parser() -> anyhow::Result<()> {
+    run_interop("msgpack").await
+}
