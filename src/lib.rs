@@ -9,15 +9,16 @@
 //! use socketioxide::{SocketIo, extract::SocketRef};
 //! use socketioxide_mesh::{Mesh, MeshAdapter, MeshConfig, StaticSeeds, TlsConfig};
 //!
+//! type A = MeshAdapter<socketioxide::adapter::Emitter>;
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = MeshConfig::new(TlsConfig::from_dir("/etc/mesh-tls")?)
 //!     .with_advertise_addr("10.0.0.5:7800".parse()?)
 //!     .with_seeds(StaticSeeds::new(["mesh.default.svc.cluster.local:7800"]));
 //! let mesh = Mesh::start(config).await?;
 //! let (layer, io) = SocketIo::builder()
-//!     .with_adapter::<MeshAdapter<_>>(mesh.clone())
+//!     .with_adapter::<A>(mesh.clone())
 //!     .build_layer();
-//! io.ns("/", |s: SocketRef<MeshAdapter<_>>| {
+//! io.ns("/", async |s: SocketRef<A>| {
 //!     s.join("lobby");
 //! })
 //! .await?;
@@ -87,3 +88,8 @@ pub use mesh::{Mesh, MeshStats, ServerEvent};
 pub use seed::StaticSeeds;
 pub use tls::{DevCa, NodeCert, TlsConfig};
 pub use wire::PROTOCOL_VERSION;
+
+/// The README's code, compiled as a doctest so it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

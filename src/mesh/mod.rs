@@ -195,6 +195,7 @@ impl Drop for DropGuard {
 /// use socketioxide::{SocketIo, extract::SocketRef};
 /// use socketioxide_mesh::{Mesh, MeshAdapter, MeshConfig, TlsConfig, StaticSeeds};
 ///
+/// type A = MeshAdapter<socketioxide::adapter::Emitter>;
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let tls = TlsConfig::from_dir("/etc/mesh-tls")?;
 /// let config = MeshConfig::new(tls)
@@ -203,10 +204,10 @@ impl Drop for DropGuard {
 /// let mesh = Mesh::start(config).await?;
 ///
 /// let (layer, io) = SocketIo::builder()
-///     .with_adapter::<MeshAdapter<_>>(mesh.clone())
+///     .with_adapter::<A>(mesh.clone())
 ///     .build_layer();
-/// io.ns("/", |s: SocketRef<MeshAdapter<_>>| {
-///     s.on("msg", |s: SocketRef<MeshAdapter<_>>| async move {
+/// io.ns("/", async |s: SocketRef<A>| {
+///     s.on("msg", async |s: SocketRef<A>| {
 ///         // reaches the sockets of every node
 ///         s.broadcast().emit("msg", "hello").await.ok();
 ///     });
