@@ -53,7 +53,7 @@ impl ProcNode {
             .arg("127.0.0.1:0")
             .arg("--certs")
             .arg(certs)
-            .env("RUST_LOG", "warn,socketioxide_mesh=info")
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
