@@ -19,13 +19,18 @@ use crate::{
 pub const DEFAULT_PORT: u16 = 7800;
 
 /// The peer transport. Both carry the same protocol with the same guarantees and both use
-/// mutual TLS; gossip rides the same connections, so a node opens exactly one port.
+/// mutual TLS; gossip rides the same connections, so a node opens exactly one port. All the
+/// nodes of a cluster use the same transport: a `quic` node and a `ws` node cannot talk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum TransportKind {
     /// QUIC over UDP (quinn): one stream per request, many in flight without head-of-line
-    /// blocking. The default.
+    /// blocking, and no blocking between streams when a packet is lost. The default.
     #[default]
     Quic,
+    /// WebSocket over TCP with mutual TLS, for networks that block or mangle UDP. Requests are
+    /// multiplexed on one connection with per-stream flow control; a lost TCP segment delays
+    /// every stream of the connection until it is retransmitted.
+    Ws,
 }
 
 impl TransportKind {
@@ -33,6 +38,7 @@ impl TransportKind {
     pub fn as_str(self) -> &'static str {
         match self {
             TransportKind::Quic => "quic",
+            TransportKind::Ws => "ws",
         }
     }
 }
@@ -48,7 +54,10 @@ impl FromStr for TransportKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "quic" => Ok(Self::Quic),
-            other => Err(format!("unknown transport {other:?}, expected \"quic\"")),
+            "ws" | "websocket" => Ok(Self::Ws),
+            other => Err(format!(
+                "unknown transport {other:?}, expected \"quic\" or \"ws\""
+            )),
         }
     }
 }
@@ -162,7 +171,7 @@ impl MeshConfig {
     /// | `MESH_TLS_CA`, `MESH_TLS_CERT`, `MESH_TLS_KEY` | PEM files (instead of `MESH_TLS_DIR`) | — |
     /// | `MESH_TLS_SERVER_NAME` | DNS name in every node certificate | `socketioxide-mesh.internal` |
     /// | `MESH_CLUSTER_ID` | cluster id | `socketioxide-mesh` |
-    /// | `MESH_TRANSPORT` | `quic` | `quic` |
+    /// | `MESH_TRANSPORT` | `quic` or `ws` | `quic` |
     /// | `MESH_LISTEN_ADDR` | listen address | `0.0.0.0:7800` |
     /// | `MESH_ADVERTISE_ADDR` | address peers dial | `$POD_IP:<listen port>` if `POD_IP` is set |
     /// | `MESH_SEEDS` | comma-separated `host:port` (names re-resolved, e.g. a headless Service) | none |
@@ -294,7 +303,8 @@ impl MeshConfig {
         self
     }
 
-    /// The address the peer transport binds (UDP for QUIC). Port 0 picks a free port.
+    /// The address the peer transport binds (UDP for QUIC, TCP for WebSocket). Port 0 picks
+    /// a free port.
     /// Default: `0.0.0.0:7800`.
     pub fn with_listen_addr(mut self, addr: SocketAddr) -> Self {
         self.listen_addr = addr;

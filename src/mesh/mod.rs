@@ -38,7 +38,7 @@ use crate::{
     membership::{Member, Membership, keys},
     peers::NodeId,
     seed::SeedContext,
-    transport::{Transport, TransportSettings, quic::QuicTransport},
+    transport::{Transport, TransportSettings, quic::QuicTransport, ws::WsTransport},
     wire::{self, Command, CommandRef, Hello, Query, QueryRef, Reply},
 };
 
@@ -243,6 +243,9 @@ impl Mesh {
                 &config.tls,
                 settings,
             )?),
+            TransportKind::Ws => {
+                Arc::new(WsTransport::bind(config.listen_addr, &config.tls, settings).await?)
+            }
         };
         Self::start_with_transport(config, transport).await
     }
@@ -364,7 +367,7 @@ impl Mesh {
             commands_lost: l(&s.commands_lost),
             volatile_dropped: l(&s.volatile_dropped),
             slow_peer_cutoffs: l(&s.slow_peer_cutoffs),
-            protocol_errors: l(&s.protocol_errors),
+            protocol_errors: l(&s.protocol_errors) + self.shared.transport.protocol_errors(),
             handshakes_refused: l(&s.handshakes_refused)
                 + self.shared.transport.handshake_failures(),
             requests: l(&s.requests),

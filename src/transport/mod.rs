@@ -3,13 +3,14 @@
 //! A transport knows nothing of messages: it moves length-delimited byte strings, enforces the
 //! frame size limit and authenticates peers (mutual TLS). The protocol on top lives in
 //! [`crate::wire`]. Every transport passes one test suite (`suite.rs`): the in-memory twin
-//! ([`mem`]), QUIC ([`quic`]).
+//! (`mem`), QUIC ([`quic`]) and WebSocket ([`ws`]).
 
 #[cfg(test)]
 pub(crate) mod mem;
 pub(crate) mod quic;
 #[cfg(test)]
 mod suite;
+pub(crate) mod ws;
 
 use std::{fmt, net::SocketAddr};
 
@@ -89,6 +90,11 @@ pub(crate) trait Transport: Send + Sync + 'static {
     /// Incoming connections refused during the transport handshake (bad or missing
     /// certificate, timeout) since the endpoint opened.
     fn handshake_failures(&self) -> u64 {
+        0
+    }
+    /// Connections closed by the transport itself for a protocol violation (the WebSocket
+    /// multiplexer's own framing); violations above the transport are counted by the mesh.
+    fn protocol_errors(&self) -> u64 {
         0
     }
 }

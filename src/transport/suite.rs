@@ -8,6 +8,7 @@ use super::{
     CloseCode, Transport, TransportError, TransportSettings,
     mem::{MemIdentity, MemNetwork},
     quic::QuicTransport,
+    ws::WsTransport,
 };
 use crate::tls::DevCa;
 
@@ -31,7 +32,7 @@ fn settings(max_frame: usize) -> TransportSettings {
     }
 }
 
-fn mem() -> Trio {
+async fn mem() -> Trio {
     let net = MemNetwork::new();
     let trusted = || MemIdentity {
         issued_by: "cluster".into(),
@@ -50,31 +51,41 @@ fn mem() -> Trio {
     }
 }
 
-fn quic() -> Trio {
+/// TLS material: two nodes of the cluster CA, and a rogue that trusts the cluster CA but
+/// whose own certificate comes from another CA.
+fn identities() -> [crate::TlsConfig; 3] {
     let ca = DevCa::generate("suite CA").unwrap();
     let rogue_ca = DevCa::generate("rogue CA").unwrap();
+    let rogue_node = rogue_ca.issue("rogue").unwrap();
+    let rogue = crate::TlsConfig::from_pem(
+        ca.cert_pem().as_bytes(),
+        rogue_node.cert_pem.as_bytes(),
+        rogue_node.key_pem.as_bytes(),
+    )
+    .unwrap();
+    [ca.node_tls("a").unwrap(), ca.node_tls("b").unwrap(), rogue]
+}
+
+async fn quic() -> Trio {
     let local = "127.0.0.1:0".parse().unwrap();
+    let [a, b, rogue] = identities();
     Trio {
-        a: Arc::new(QuicTransport::bind(local, &ca.node_tls("a").unwrap(), settings(BIG)).unwrap()),
-        b_small: Arc::new(
-            QuicTransport::bind(local, &ca.node_tls("b").unwrap(), settings(SMALL)).unwrap(),
-        ),
+        a: Arc::new(QuicTransport::bind(local, &a, settings(BIG)).unwrap()),
+        b_small: Arc::new(QuicTransport::bind(local, &b, settings(SMALL)).unwrap()),
+        rogue: Arc::new(QuicTransport::bind(local, &rogue, settings(BIG)).unwrap()),
+    }
+}
+
+async fn ws() -> Trio {
+    let local = "127.0.0.1:0".parse().unwrap();
+    let [a, b, rogue] = identities();
+    Trio {
+        a: Arc::new(WsTransport::bind(local, &a, settings(BIG)).await.unwrap()),
+        b_small: Arc::new(WsTransport::bind(local, &b, settings(SMALL)).await.unwrap()),
         rogue: Arc::new(
-            QuicTransport::bind(
-                local,
-                // Trusts the cluster CA, but its own certificate comes from another CA.
-                &{
-                    let rogue_node = rogue_ca.issue("rogue").unwrap();
-                    crate::TlsConfig::from_pem(
-                        ca.cert_pem().as_bytes(),
-                        rogue_node.cert_pem.as_bytes(),
-                        rogue_node.key_pem.as_bytes(),
-                    )
-                    .unwrap()
-                },
-                settings(BIG),
-            )
-            .unwrap(),
+            WsTransport::bind(local, &rogue, settings(BIG))
+                .await
+                .unwrap(),
         ),
     }
 }
@@ -252,30 +263,30 @@ macro_rules! suite {
         mod $transport {
             #[tokio::test]
             async fn frames_round_trip() {
-                super::frames_round_trip(super::$transport()).await
+                super::frames_round_trip(super::$transport().await).await
             }
             #[tokio::test]
             async fn many_streams_in_flight() {
-                super::many_streams_in_flight(super::$transport()).await
+                super::many_streams_in_flight(super::$transport().await).await
             }
             #[tokio::test]
             async fn uni_stream_keeps_order() {
-                super::uni_stream_keeps_order(super::$transport()).await
+                super::uni_stream_keeps_order(super::$transport().await).await
             }
             #[tokio::test]
             async fn oversize_frames_are_refused() {
-                super::oversize_frames_are_refused(super::$transport()).await
+                super::oversize_frames_are_refused(super::$transport().await).await
             }
             #[tokio::test]
             async fn close_reaches_peer_with_its_code() {
-                super::close_reaches_peer_with_its_code(super::$transport()).await
+                super::close_reaches_peer_with_its_code(super::$transport().await).await
             }
             #[tokio::test]
             async fn untrusted_peer_is_refused() {
-                super::untrusted_peer_is_refused(super::$transport()).await
+                super::untrusted_peer_is_refused(super::$transport().await).await
             }
         }
     )*};
 }
 
-suite!(mem, quic);
+suite!(mem, quic, ws);

@@ -11,6 +11,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use socketioxide_mesh::TransportKind;
+
 use crate::common::*;
 
 async fn clients(c: &Cluster, ns: &[&str]) -> anyhow::Result<Vec<Client>> {
@@ -50,9 +52,8 @@ async fn marker(node: &Node, ns: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broadcast_to_rooms_except_local_and_volatile() -> anyhow::Result<()> {
-    let c = Cluster::start(3).await?;
+async fn broadcast_to_rooms_except_local_and_volatile(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 3).await?;
     let mut cl = clients(&c, &["/"]).await?;
     join(&mut cl[0], "/", "red").await?;
     join(&mut cl[1], "/", "red").await?;
@@ -120,9 +121,8 @@ async fn broadcast_to_rooms_except_local_and_volatile() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_payloads_cross_nodes_intact() -> anyhow::Result<()> {
-    let c = Cluster::start(2).await?;
+async fn binary_payloads_cross_nodes_intact(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
     let mut client = c.nodes[1].client(&["/"]).await?;
     let payload: Vec<u8> = (0..=255u8).chain([0, 0, 255]).collect();
     c.nodes[0]
@@ -137,9 +137,10 @@ async fn binary_payloads_cross_nodes_intact() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broadcast_with_ack_collects_every_node_and_ends_by_count() -> anyhow::Result<()> {
-    let c = Cluster::start(3).await?;
+async fn broadcast_with_ack_collects_every_node_and_ends_by_count(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 3).await?;
     let cl = clients(&c, &["/"]).await?;
     let sids: Vec<String> = cl.iter().map(|c| c.sid("/")).collect();
     // Each client answers with its own sid.
@@ -178,9 +179,8 @@ async fn broadcast_with_ack_collects_every_node_and_ends_by_count() -> anyhow::R
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broadcast_with_ack_reports_remote_timeouts() -> anyhow::Result<()> {
-    let c = Cluster::start(2).await?;
+async fn broadcast_with_ack_reports_remote_timeouts(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
     let mut silent = c.nodes[1].client(&["/"]).await?;
     let stream = c.nodes[0]
         .io
@@ -200,9 +200,8 @@ async fn broadcast_with_ack_reports_remote_timeouts() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fetch_sockets_and_remote_socket_operations() -> anyhow::Result<()> {
-    let c = Cluster::start(3).await?;
+async fn fetch_sockets_and_remote_socket_operations(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 3).await?;
     let mut cl = clients(&c, &["/"]).await?;
     join(&mut cl[1], "/", "red").await?;
 
@@ -268,9 +267,8 @@ async fn fetch_sockets_and_remote_socket_operations() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rooms_join_leave_disconnect_and_server_count() -> anyhow::Result<()> {
-    let c = Cluster::start(3).await?;
+async fn rooms_join_leave_disconnect_and_server_count(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 3).await?;
     let mut cl = clients(&c, &["/"]).await?;
     join(&mut cl[0], "/", "red").await?;
     join(&mut cl[1], "/", "red").await?;
@@ -320,9 +318,8 @@ async fn rooms_join_leave_disconnect_and_server_count() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_namespaces_share_one_mesh_and_stay_apart() -> anyhow::Result<()> {
-    let c = Cluster::start(2).await?;
+async fn two_namespaces_share_one_mesh_and_stay_apart(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
     let mut main = c.nodes[1].client(&["/"]).await?;
     let mut admin = c.nodes[1].client(&["/admin"]).await?;
 
@@ -358,9 +355,10 @@ async fn two_namespaces_share_one_mesh_and_stay_apart() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_side_events_reach_every_other_node_with_acks() -> anyhow::Result<()> {
-    let c = Cluster::start(3).await?;
+async fn server_side_events_reach_every_other_node_with_acks(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 3).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for (i, node) in c.nodes.iter().enumerate() {
         let tx = tx.clone();
@@ -400,3 +398,14 @@ async fn server_side_events_reach_every_other_node_with_acks() -> anyhow::Result
     assert_eq!(answers, vec!["node-0", "node-2"]);
     Ok(())
 }
+
+both_transports!(
+    broadcast_to_rooms_except_local_and_volatile,
+    binary_payloads_cross_nodes_intact,
+    broadcast_with_ack_collects_every_node_and_ends_by_count,
+    broadcast_with_ack_reports_remote_timeouts,
+    fetch_sockets_and_remote_socket_operations,
+    rooms_join_leave_disconnect_and_server_count,
+    two_namespaces_share_one_mesh_and_stay_apart,
+    server_side_events_reach_every_other_node_with_acks
+);

@@ -1,7 +1,16 @@
 //! Malformed input from an authenticated peer: refused with a clear reason, the peer cut off,
 //! the node keeps serving its clients and its mesh.
 
+use socketioxide_mesh::TransportKind;
+
 use crate::{common::*, raw::*, security::*};
+
+/// A small frame limit, so an oversize frame is cheap to send over either transport.
+const MAX_FRAME: usize = 64 * 1024;
+
+async fn cluster(kind: TransportKind) -> anyhow::Result<Cluster> {
+    Cluster::start_with(kind, 2, |cfg| cfg.with_max_frame_size(MAX_FRAME)).await
+}
 
 /// The node still does its job: a client on it gets a broadcast from the other node, and a
 /// well-formed command from a fresh raw peer is applied.
@@ -9,38 +18,40 @@ async fn still_serving(c: &Cluster, creds: &socketioxide_mesh::NodeCert) -> anyh
     let mut client = c.nodes[0].client(&["/"]).await?;
     c.nodes[1].io.emit("from-peer", &()).await.sio()?;
     client.event("/", "from-peer").await?;
-    // A well-behaved raw peer is served after the misbehaving one was cut off.
-    let peer = RawPeer::new(c.ca.cert_pem(), Some((&creds.cert_pem, &creds.key_pem)))?;
+    let peer = RawPeer::new(
+        c.kind,
+        c.ca.cert_pem(),
+        Some((&creds.cert_pem, &creds.key_pem)),
+    )?;
     let conn = peer.join(c.seed(), "test-cluster").await?;
-    let mut uni = conn.open_uni().await?;
-    uni.write_all(&frame(&rmp_serde::to_vec(&commands_header())?))
+    conn.uni(&[commands_header()?, broadcast_all("from-raw")?])
         .await?;
-    uni.write_all(&frame(&broadcast_all("from-raw")?)).await?;
-    uni.finish()?;
     client.event("/", "from-raw").await?;
     Ok(())
 }
 
-async fn misbehave(bytes_on_stream: &[u8], bidi: bool) -> anyhow::Result<(u64, String)> {
-    let c = Cluster::start(2).await?;
+/// Join as a raw peer, misbehave, and return how the node closed the connection.
+async fn misbehave<F, Fut>(kind: TransportKind, act: F) -> anyhow::Result<(u64, String)>
+where
+    F: FnOnce(RawConn) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<RawConn>>,
+{
+    let c = cluster(kind).await?;
     let creds = c.ca.issue("raw")?;
-    let peer = RawPeer::new(c.ca.cert_pem(), Some((&creds.cert_pem, &creds.key_pem)))?;
+    let peer = RawPeer::new(
+        kind,
+        c.ca.cert_pem(),
+        Some((&creds.cert_pem, &creds.key_pem)),
+    )?;
     let conn = peer.join(c.seed(), "test-cluster").await?;
     let errors_before = c.nodes[0].mesh.stats().protocol_errors;
-    if bidi {
-        let (mut send, _recv) = conn.open_bi().await?;
-        send.write_all(bytes_on_stream).await?;
-        send.finish()?;
-        let (code, reason) = close_of(&conn).await;
-        assert_eq!(c.nodes[0].mesh.stats().protocol_errors, errors_before + 1);
-        still_serving(&c, &creds).await?;
-        return Ok((code, reason));
-    }
-    let mut uni = conn.open_uni().await?;
-    uni.write_all(bytes_on_stream).await?;
-    uni.finish()?;
-    let (code, reason) = close_of(&conn).await;
-    assert_eq!(c.nodes[0].mesh.stats().protocol_errors, errors_before + 1);
+    let conn = act(conn).await?;
+    let (code, reason) = conn.closed().await;
+    assert_eq!(
+        c.nodes[0].mesh.stats().protocol_errors,
+        errors_before + 1,
+        "{reason}"
+    );
     still_serving(&c, &creds).await?;
     Ok((code, reason))
 }
@@ -56,68 +67,83 @@ fn noise(len: usize, mut seed: u64) -> Vec<u8> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_bytes_on_a_stream_cut_the_peer_off() -> anyhow::Result<()> {
-    // A well-framed header, then a frame of noise where a command should be.
-    let mut bytes = frame(&rmp_serde::to_vec(&commands_header())?);
-    bytes.extend(frame(&noise(300, 42)));
-    let (code, reason) = misbehave(&bytes, false).await?;
+async fn random_bytes_on_a_stream_cut_the_peer_off(kind: TransportKind) -> anyhow::Result<()> {
+    // A well-formed header, then a frame of noise where a command should be.
+    let (code, reason) = misbehave(kind, async |conn| {
+        conn.uni(&[commands_header()?, noise(300, 42)]).await?;
+        Ok(conn)
+    })
+    .await?;
     assert_eq!(code, CLOSE_PROTOCOL, "{reason}");
     assert!(reason.contains("malformed"), "{reason}");
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_header_cuts_the_peer_off() -> anyhow::Result<()> {
-    let (code, reason) = misbehave(&frame(&noise(64, 7)), false).await?;
+async fn garbage_header_cuts_the_peer_off(kind: TransportKind) -> anyhow::Result<()> {
+    let (code, reason) = misbehave(kind, async |conn| {
+        conn.uni(&[noise(64, 7)]).await?;
+        Ok(conn)
+    })
+    .await?;
     assert_eq!(code, CLOSE_PROTOCOL, "{reason}");
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncated_frame_cuts_the_peer_off() -> anyhow::Result<()> {
-    let mut bytes = frame(&rmp_serde::to_vec(&commands_header())?);
-    bytes.extend_from_slice(&100u32.to_be_bytes());
-    bytes.extend_from_slice(&[0x92; 10]); // 10 of the 100 announced bytes, then the end
-    let (code, reason) = misbehave(&bytes, false).await?;
+async fn truncated_frame_cuts_the_peer_off(kind: TransportKind) -> anyhow::Result<()> {
+    let (code, reason) = misbehave(kind, async |conn| {
+        conn.abuse(&commands_header()?, Abuse::Truncated).await?;
+        Ok(conn)
+    })
+    .await?;
     assert_eq!(code, CLOSE_PROTOCOL, "{reason}");
-    assert!(reason.contains("inside a frame"), "{reason}");
+    let expected = match kind {
+        TransportKind::Quic => "inside a frame",
+        _ => "mux message of 3 bytes",
+    };
+    assert!(reason.contains(expected), "{reason}");
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversize_frame_cuts_the_peer_off() -> anyhow::Result<()> {
-    let mut bytes = frame(&rmp_serde::to_vec(&commands_header())?);
-    // Announce one byte more than the default 16 MiB limit: refused before reading it.
-    bytes.extend_from_slice(&(16 * 1024 * 1024 + 1u32).to_be_bytes());
-    bytes.extend_from_slice(&[0; 1024]);
-    let (code, reason) = misbehave(&bytes, false).await?;
+async fn oversize_frame_cuts_the_peer_off(kind: TransportKind) -> anyhow::Result<()> {
+    let (code, reason) = misbehave(kind, async |conn| {
+        conn.abuse(&commands_header()?, Abuse::Oversize(MAX_FRAME + 1))
+            .await?;
+        Ok(conn)
+    })
+    .await?;
     assert_eq!(code, CLOSE_PROTOCOL, "{reason}");
     assert!(reason.contains("exceeds the limit"), "{reason}");
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_query_cuts_the_peer_off() -> anyhow::Result<()> {
-    let mut bytes = frame(&rmp_serde::to_vec(&(0u64,))?);
-    bytes.extend(frame(&noise(200, 3)));
-    let (code, reason) = misbehave(&bytes, true).await?;
+async fn garbage_query_cuts_the_peer_off(kind: TransportKind) -> anyhow::Result<()> {
+    let (code, reason) = misbehave(kind, async |conn| {
+        conn.bi_no_reply(&[rmp_serde::to_vec(&(0u64,))?, noise(200, 3)])
+            .await?;
+        Ok(conn)
+    })
+    .await?;
     assert_eq!(code, CLOSE_PROTOCOL, "{reason}");
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_protocol_version_is_refused_with_a_reason() -> anyhow::Result<()> {
-    let c = Cluster::start(2).await?;
+async fn unknown_protocol_version_is_refused_with_a_reason(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    let c = cluster(kind).await?;
     let creds = c.ca.issue("future")?;
-    let peer = RawPeer::new(c.ca.cert_pem(), Some((&creds.cert_pem, &creds.key_pem)))?;
-    let hello = hello_frame(
+    let peer = RawPeer::new(
+        kind,
+        c.ca.cert_pem(),
+        Some((&creds.cert_pem, &creds.key_pem)),
+    )?;
+    let hello = hello_payload(
         99,
         &Hello {
             cluster_id: "test-cluster".into(),
             node_id: socketioxide_core::Uid::new(),
             advertise_addr: peer.addr,
-            transport: "quic".into(),
+            transport: kind.as_str().into(),
         },
     );
     let (conn, reply) = peer.handshake(c.seed(), &hello).await?;
@@ -125,16 +151,25 @@ async fn unknown_protocol_version_is_refused_with_a_reason() -> anyhow::Result<(
         HelloReply::Refused(r) => assert!(r.contains("unsupported protocol version 99"), "{r}"),
         HelloReply::Welcome(_) => panic!("version 99 welcomed"),
     }
-    assert_eq!(close_of(&conn).await.0, 2);
+    assert_eq!(conn.closed().await.0, CLOSE_REFUSED);
 
     // Not even our protocol: an HTTP request where the hello should be.
     let (conn, reply) = peer
-        .handshake(c.seed(), &frame(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        .handshake(c.seed(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await?;
     match reply {
         HelloReply::Refused(r) => assert!(r.contains("not a socketioxide-mesh node"), "{r}"),
         HelloReply::Welcome(_) => panic!("garbage welcomed"),
     }
-    assert_eq!(close_of(&conn).await.0, 2);
+    assert_eq!(conn.closed().await.0, CLOSE_REFUSED);
     still_serving(&c, &creds).await
 }
+
+both_transports!(
+    random_bytes_on_a_stream_cut_the_peer_off,
+    garbage_header_cuts_the_peer_off,
+    truncated_frame_cuts_the_peer_off,
+    oversize_frame_cuts_the_peer_off,
+    garbage_query_cuts_the_peer_off,
+    unknown_protocol_version_is_refused_with_a_reason
+);

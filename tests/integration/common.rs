@@ -11,7 +11,7 @@ use socketioxide::{
     extract::{AckSender, Data, SocketRef},
     handler::ConnectHandler,
 };
-use socketioxide_mesh::{DevCa, Mesh, MeshAdapter, MeshConfig, StaticSeeds};
+use socketioxide_mesh::{DevCa, Mesh, MeshAdapter, MeshConfig, StaticSeeds, TransportKind};
 
 pub use crate::client::{Client, WAIT};
 
@@ -86,8 +86,9 @@ impl<T, E: std::fmt::Display> Sio<T> for Result<T, E> {
     }
 }
 
-pub fn config(ca: &DevCa, name: &str, seeds: &[SocketAddr]) -> MeshConfig {
+pub fn config(kind: TransportKind, ca: &DevCa, name: &str, seeds: &[SocketAddr]) -> MeshConfig {
     MeshConfig::local(ca.node_tls(name).expect("node certificate"))
+        .with_transport(kind)
         .with_cluster_id("test-cluster")
         .with_seeds(StaticSeeds::new(seeds.iter().map(|s| s.to_string())))
 }
@@ -146,29 +147,31 @@ pub async fn converge(nodes: &[&Node]) -> anyhow::Result<()> {
 
 /// A cluster of `n` nodes from one CA; node i>0 seeds from node 0.
 pub struct Cluster {
+    pub kind: TransportKind,
     pub ca: Arc<DevCa>,
     pub nodes: Vec<Node>,
 }
 
 impl Cluster {
-    pub async fn start(n: usize) -> anyhow::Result<Cluster> {
-        Self::start_with(n, |c| c).await
+    pub async fn start(kind: TransportKind, n: usize) -> anyhow::Result<Cluster> {
+        Self::start_with(kind, n, |c| c).await
     }
 
     pub async fn start_with(
+        kind: TransportKind,
         n: usize,
         tweak: impl Fn(MeshConfig) -> MeshConfig,
     ) -> anyhow::Result<Cluster> {
         logs();
         let ca = Arc::new(DevCa::generate("test CA")?);
-        let first = start_node(tweak(config(&ca, "node-0", &[]))).await?;
+        let first = start_node(tweak(config(kind, &ca, "node-0", &[]))).await?;
         let seed = first.mesh.advertise_addr();
         let mut nodes = vec![first];
         for i in 1..n {
-            nodes.push(start_node(tweak(config(&ca, &format!("node-{i}"), &[seed]))).await?);
+            nodes.push(start_node(tweak(config(kind, &ca, &format!("node-{i}"), &[seed]))).await?);
         }
         converge(&nodes.iter().collect::<Vec<_>>()).await?;
-        Ok(Cluster { ca, nodes })
+        Ok(Cluster { kind, ca, nodes })
     }
 
     pub fn seed(&self) -> SocketAddr {

@@ -3,16 +3,18 @@
 
 use std::time::{Duration, Instant};
 
+use socketioxide_mesh::TransportKind;
+
 use crate::{common::*, process::*};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_node_ends_inflight_requests_early() -> anyhow::Result<()> {
-    let c = Cluster::start_with(2, |cfg| cfg.with_request_timeout(REQUEST_TIMEOUT)).await?;
+async fn killed_node_ends_inflight_requests_early(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start_with(kind, 2, |cfg| cfg.with_request_timeout(REQUEST_TIMEOUT)).await?;
     let certs = TempDir::new("death");
     c.ca.write_dir(&certs.0, "victim")?;
     let victim = ProcNode::spawn(
+        kind,
         &certs.0,
         &[c.seed()],
         &[
@@ -80,9 +82,9 @@ async fn killed_node_ends_inflight_requests_early() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_is_noticed_at_once() -> anyhow::Result<()> {
-    let mut c = Cluster::start_with(3, |cfg| cfg.with_request_timeout(REQUEST_TIMEOUT)).await?;
+async fn graceful_shutdown_is_noticed_at_once(kind: TransportKind) -> anyhow::Result<()> {
+    let mut c =
+        Cluster::start_with(kind, 3, |cfg| cfg.with_request_timeout(REQUEST_TIMEOUT)).await?;
     let _client = c.nodes[2].client(&["/"]).await?;
     let leaving = c.nodes.pop().expect("node 2");
     leaving.shutdown().await;
@@ -96,11 +98,12 @@ async fn graceful_shutdown_is_noticed_at_once() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_peer_is_cut_off_without_stalling_the_others() -> anyhow::Result<()> {
+async fn slow_peer_is_cut_off_without_stalling_the_others(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
     // A small queue, and a patient failure detector, so the frozen peer overflows its queue
     // long before it is declared dead.
-    let c = Cluster::start_with(2, |cfg| {
+    let c = Cluster::start_with(kind, 2, |cfg| {
         cfg.with_peer_queue(8, 64 * 1024 * 1024)
             .with_phi_threshold(40.0)
     })
@@ -108,6 +111,7 @@ async fn slow_peer_is_cut_off_without_stalling_the_others() -> anyhow::Result<()
     let certs = TempDir::new("slow");
     c.ca.write_dir(&certs.0, "slow")?;
     let slow = ProcNode::spawn(
+        kind,
         &certs.0,
         &[c.seed()],
         &[("MESH_CLUSTER_ID", "test-cluster")],
@@ -144,3 +148,9 @@ async fn slow_peer_is_cut_off_without_stalling_the_others() -> anyhow::Result<()
     slow.child.kill().await?;
     Ok(())
 }
+
+both_transports!(
+    killed_node_ends_inflight_requests_early,
+    graceful_shutdown_is_noticed_at_once,
+    slow_peer_is_cut_off_without_stalling_the_others
+);

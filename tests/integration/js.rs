@@ -5,9 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use socketioxide_mesh::TransportKind;
+
 use crate::{common::*, process::*};
 
-async fn run_interop(parser: &str) -> anyhow::Result<()> {
+async fn run_interop(kind: TransportKind, parser: &str) -> anyhow::Result<()> {
     logs();
     let js = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     anyhow::ensure!(
@@ -25,7 +27,7 @@ async fn run_interop(parser: &str) -> anyhow::Result<()> {
             .first()
             .map(|n: &ProcNode| vec![n.mesh])
             .unwrap_or_default();
-        nodes.push(ProcNode::spawn(&dir, &seeds, &env).await?);
+        nodes.push(ProcNode::spawn(kind, &dir, &seeds, &env).await?);
     }
     let mut cmd = tokio::process::Command::new("node");
     cmd.current_dir(&js).arg("interop.mjs");
@@ -94,12 +96,15 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<
     Ok(body.to_string())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn official_js_client_json_parser() -> anyhow::Result<()> {
-    run_interop("json").await
+async fn official_js_client_json_parser(kind: TransportKind) -> anyhow::Result<()> {
+    run_interop(kind, "json").await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn official_js_client_msgpack_parser() -> anyhow::Result<()> {
-    run_interop("msgpack").await
+async fn official_js_client_msgpack_parser(kind: TransportKind) -> anyhow::Result<()> {
+    run_interop(kind, "msgpack").await
 }
+
+both_transports!(
+    official_js_client_json_parser,
+    official_js_client_msgpack_parser
+);

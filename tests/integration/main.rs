@@ -1,4 +1,27 @@
-//! The integration suite: real nodes (QUIC + mutual TLS on 127.0.0.1), real Socket.IO clients.
+//! The integration suite: real nodes (QUIC or WebSocket, mutual TLS, on 127.0.0.1), real
+//! Socket.IO clients. Every test runs once per transport.
+
+/// Instantiate `async fn name(kind: TransportKind)` tests once per transport.
+macro_rules! both_transports {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    super::$name(socketioxide_mesh::TransportKind::Quic).await
+                }
+            )*
+        }
+        mod ws {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    super::$name(socketioxide_mesh::TransportKind::Ws).await
+                }
+            )*
+        }
+    };
+}
 
 mod adapter;
 mod bad_input;

@@ -3,11 +3,12 @@
 
 use serde_json::json;
 
+use socketioxide_mesh::TransportKind;
+
 use crate::common::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn join_then_room_emit_arrives_on_a_remote_node() -> anyhow::Result<()> {
-    let c = Cluster::start(2).await?;
+async fn join_then_room_emit_arrives_on_a_remote_node(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
     let mut client = c.nodes[1].client(&["/"]).await?;
     let remote = c.nodes[0]
         .io
@@ -29,9 +30,8 @@ async fn join_then_room_emit_arrives_on_a_remote_node() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousand_sequential_broadcasts_arrive_in_order() -> anyhow::Result<()> {
-    let c = Cluster::start(2).await?;
+async fn thousand_sequential_broadcasts_arrive_in_order(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
     let mut client = c.nodes[1].client(&["/"]).await?;
     for i in 0..1000u32 {
         c.nodes[0].io.emit("seq", &i).await.sio()?;
@@ -43,9 +43,8 @@ async fn thousand_sequential_broadcasts_arrive_in_order() -> anyhow::Result<()> 
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_sees_the_commands_sent_before_it() -> anyhow::Result<()> {
-    let c = Cluster::start(3).await?;
+async fn request_sees_the_commands_sent_before_it(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 3).await?;
     let mut _clients = Vec::new();
     for node in &c.nodes[1..] {
         _clients.push(node.client(&["/"]).await?);
@@ -77,3 +76,9 @@ async fn request_sees_the_commands_sent_before_it() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+both_transports!(
+    join_then_room_emit_arrives_on_a_remote_node,
+    thousand_sequential_broadcasts_arrive_in_order,
+    request_sees_the_commands_sent_before_it
+);

@@ -26,7 +26,8 @@ pub fn example_bin(name: &str) -> anyhow::Result<PathBuf> {
     let bin = dir.join("examples").join(name);
     anyhow::ensure!(
         bin.exists(),
-        "{} is missing: run the tests with `cargo test` (it builds examples)",
+        "{} is missing: run the tests with `cargo test`, which builds examples \
+         (`cargo test --test integration` alone does not: `cargo build --examples` first)",
         bin.display()
     );
     Ok(bin)
@@ -42,11 +43,13 @@ pub struct ProcNode {
 impl ProcNode {
     /// Start `examples/node` with the given certificate folder, seeds and extra environment.
     pub async fn spawn(
+        kind: socketioxide_mesh::TransportKind,
         certs: &Path,
         seeds: &[SocketAddr],
         env: &[(&str, &str)],
     ) -> anyhow::Result<ProcNode> {
         let mut cmd = Command::new(example_bin("node")?);
+        cmd.env("MESH_TRANSPORT", kind.as_str());
         cmd.arg("--http")
             .arg("127.0.0.1:0")
             .arg("--mesh")

@@ -2,12 +2,13 @@
 //! anything else cannot deliver a single frame or gossip message.
 
 use serde_json::json;
-use socketioxide_mesh::{DevCa, MeshConfig, StaticSeeds};
+use socketioxide_mesh::{DevCa, MeshConfig, StaticSeeds, TransportKind};
 
 use crate::{common::*, raw::*};
 
-/// Wait (on events, not time) until `node` has refused at least `n` incoming connections.
-async fn refused_at_least(node: &Node, n: u64) -> anyhow::Result<()> {
+/// Wait (polling a counter, as there is no event for it) until `node` has refused at least
+/// `n` incoming connections.
+pub async fn refused_at_least(node: &Node, n: u64) -> anyhow::Result<()> {
     tokio::time::timeout(WAIT, async {
         while node.mesh.stats().handshakes_refused < n {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -17,8 +18,8 @@ async fn refused_at_least(node: &Node, n: u64) -> anyhow::Result<()> {
     .map_err(|_| anyhow::anyhow!("only {} refusals", node.mesh.stats().handshakes_refused))
 }
 
-/// The cluster is intact: 2 members each, a client still gets what its cluster sends, and
-/// nothing from the intruder.
+/// The cluster is intact: unchanged membership, a client still gets what its cluster sends,
+/// and nothing from the intruder.
 async fn cluster_intact(c: &Cluster, intruder: Option<&Node>) -> anyhow::Result<()> {
     for node in &c.nodes {
         assert_eq!(
@@ -41,9 +42,8 @@ async fn cluster_intact(c: &Cluster, intruder: Option<&Node>) -> anyhow::Result<
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_from_another_ca_never_joins() -> anyhow::Result<()> {
-    let c = Cluster::start(2).await?;
+async fn node_from_another_ca_never_joins(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
     let rogue_ca = DevCa::generate("rogue CA")?;
     // Trusts the cluster CA (it has read ca.pem), but its own certificate comes from another CA.
     let node = rogue_ca.issue("rogue")?;
@@ -55,6 +55,7 @@ async fn node_from_another_ca_never_joins() -> anyhow::Result<()> {
     let before = c.nodes[0].mesh.stats().handshakes_refused;
     let rogue = start_node(
         MeshConfig::local(tls)
+            .with_transport(kind)
             .with_cluster_id("test-cluster")
             .with_seeds(StaticSeeds::new([c.seed().to_string()])),
     )
@@ -64,28 +65,29 @@ async fn node_from_another_ca_never_joins() -> anyhow::Result<()> {
     cluster_intact(&c, Some(&rogue)).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_without_certificate_is_refused() -> anyhow::Result<()> {
-    let c = Cluster::start(2).await?;
+async fn node_without_certificate_is_refused(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
     let before = c.nodes[0].mesh.stats().handshakes_refused;
-    let peer = RawPeer::new(c.ca.cert_pem(), None)?;
+    let peer = RawPeer::new(kind, c.ca.cert_pem(), None)?;
     let res = peer
         .handshake(c.seed(), &peer.good_hello("test-cluster"))
         .await;
-    assert!(
-        res.is_err(),
-        "a peer without a certificate got a reply: {res:?}"
-    );
+    assert!(res.is_err(), "a peer without a certificate got a reply");
     refused_at_least(&c.nodes[0], before + 1).await?;
     cluster_intact(&c, None).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_of_another_cluster_is_refused_with_a_reason() -> anyhow::Result<()> {
-    let c = Cluster::start(2).await?;
+async fn node_of_another_cluster_is_refused_with_a_reason(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
     // A raw peer with a valid certificate but another cluster id: refused, with the reason.
     let creds = c.ca.issue("stranger")?;
-    let peer = RawPeer::new(c.ca.cert_pem(), Some((&creds.cert_pem, &creds.key_pem)))?;
+    let peer = RawPeer::new(
+        kind,
+        c.ca.cert_pem(),
+        Some((&creds.cert_pem, &creds.key_pem)),
+    )?;
     let (conn, reply) = peer
         .handshake(c.seed(), &peer.good_hello("other-cluster"))
         .await?;
@@ -93,13 +95,13 @@ async fn node_of_another_cluster_is_refused_with_a_reason() -> anyhow::Result<()
         HelloReply::Refused(reason) => assert!(reason.contains("other-cluster"), "{reason}"),
         HelloReply::Welcome(_) => panic!("a node of another cluster was welcomed"),
     }
-    let (code, _) = close_of(&conn).await;
-    assert_eq!(code, 2, "closed as refused");
+    assert_eq!(conn.closed().await.0, CLOSE_REFUSED);
 
     // A real node of another cluster (same CA) seeded to us: never a member.
     let before = c.nodes[0].mesh.stats().handshakes_refused;
     let other = start_node(
         MeshConfig::local(c.ca.node_tls("other")?)
+            .with_transport(kind)
             .with_cluster_id("other-cluster")
             .with_seeds(StaticSeeds::new([c.seed().to_string()])),
     )
@@ -108,38 +110,34 @@ async fn node_of_another_cluster_is_refused_with_a_reason() -> anyhow::Result<()
     cluster_intact(&c, Some(&other)).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nothing_is_read_before_a_welcome() -> anyhow::Result<()> {
-    let c = Cluster::start(2).await?;
+async fn nothing_is_read_before_a_welcome(kind: TransportKind) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
     let creds = c.ca.issue("stranger")?;
-    let peer = RawPeer::new(c.ca.cert_pem(), Some((&creds.cert_pem, &creds.key_pem)))?;
+    let peer = RawPeer::new(
+        kind,
+        c.ca.cert_pem(),
+        Some((&creds.cert_pem, &creds.key_pem)),
+    )?;
     let conn = peer.connect(c.seed()).await?;
-    // A command stream carrying a broadcast to every socket of "/", sent before any hello.
-    let mut uni = conn.open_uni().await?;
-    uni.write_all(&frame(&rmp_serde::to_vec(&commands_header())?))
+    // A command stream carrying a broadcast to every socket of "/", sent before any hello...
+    conn.uni(&[commands_header()?, broadcast_all("evil")?])
         .await?;
-    uni.write_all(&frame(&broadcast_all("evil")?)).await?;
-    uni.finish()?;
-    // Then a hello for another cluster: refused.
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&peer.good_hello("other-cluster")).await?;
-    send.finish()?;
-    let reply = read_frame(&mut recv).await;
-    assert!(matches!(reply, Ok(r) if r.len() > 6));
-    let (code, _) = close_of(&conn).await;
-    assert_eq!(code, 2);
+    // ...then a hello for another cluster: refused.
+    let reply = conn.bi(&[peer.good_hello("other-cluster")]).await?;
+    assert!(reply.len() > 6);
+    assert_eq!(conn.closed().await.0, CLOSE_REFUSED);
     assert_eq!(c.nodes[0].mesh.stats().commands_received, 0);
     cluster_intact(&c, None).await
 }
 
-#[derive(serde::Serialize)]
-enum UniHeader {
-    #[serde(rename = "0")]
-    Commands { start_seq: u64 },
-}
-
-pub fn commands_header() -> impl serde::Serialize {
-    UniHeader::Commands { start_seq: 0 }
+/// The header frame of a command stream starting at sequence 0.
+pub fn commands_header() -> anyhow::Result<Vec<u8>> {
+    #[derive(serde::Serialize)]
+    enum UniHeader {
+        #[serde(rename = "0")]
+        Commands { start_seq: u64 },
+    }
+    Ok(rmp_serde::to_vec(&UniHeader::Commands { start_seq: 0 })?)
 }
 
 /// A `Broadcast` command to every socket of "/", encoded by hand from the documented format.
@@ -171,3 +169,10 @@ pub fn broadcast_all(event: &str) -> anyhow::Result<Vec<u8>> {
         packet,
     })?)
 }
+
+both_transports!(
+    node_from_another_ca_never_joins,
+    node_without_certificate_is_refused,
+    node_of_another_cluster_is_refused_with_a_reason,
+    nothing_is_read_before_a_welcome
+);

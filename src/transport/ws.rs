@@ -1,0 +1,975 @@
+//! WebSocket transport: TCP, mutual TLS 1.3 (tokio-rustls), WebSocket (tokio-tungstenite),
+//! for networks that block or mangle UDP.
+//!
+//! QUIC streams are emulated by a small multiplexer: every WebSocket binary message is one mux
+//! message `kind: u8 | stream id: u32 BE | payload`:
+//!
+//! | kind | payload | meaning |
+//! |---|---|---|
+//! | 0 `OPEN_BI` | — | the sender opened bidirectional stream `id` |
+//! | 1 `OPEN_UNI` | — | the sender opened unidirectional stream `id` |
+//! | 2 `DATA` | one frame | a frame on stream `id` |
+//! | 3 `FIN` | — | the sender finished stream `id` |
+//! | 4 `RESET` | — | the sender stopped reading stream `id`: stop sending on it |
+//! | 5 `CREDIT` | `u32 BE` bytes | the sender consumed that much of stream `id`: send more |
+//!
+//! The dialer opens odd ids, the acceptor even ones. Each stream direction has a credit
+//! window ([`WINDOW`]): a sender waits for credit instead of filling the receiver's memory, so a
+//! slow reader of one stream never blocks the connection for the others (no head-of-line
+//! blocking beyond TCP's own). A peer that sends beyond its credit, or an unknown kind, breaks
+//! the protocol: the connection is closed with code 1.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::ServerName;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Mutex as AsyncMutex, Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    task::JoinSet,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        self, Message,
+        protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode as WsCloseCode},
+    },
+};
+use tracing::{debug, warn};
+
+use super::{
+    CloseCode, Connection, FrameRecv, FrameSend, Transport, TransportError, TransportSettings,
+};
+use crate::{error::Error, tls::TlsConfig};
+
+/// ALPN of the peer protocol over WebSocket.
+pub(crate) const ALPN: &[u8] = b"sio-mesh-ws/1";
+/// The WebSocket request path.
+const PATH: &str = "/sio-mesh";
+/// Credit of each stream direction, in bytes.
+pub(crate) const WINDOW: u32 = 512 * 1024;
+/// Mux messages queued for the socket writer; senders wait beyond (TCP backpressure).
+const OUT_QUEUE: usize = 256;
+/// Handshakes (TLS + WebSocket) in progress at once; more connections are refused.
+const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Close codes travel as WebSocket close codes in the private range 4000-4999.
+const WS_CODE_BASE: u16 = 4000;
+
+const OPEN_BI: u8 = 0;
+const OPEN_UNI: u8 = 1;
+const DATA: u8 = 2;
+const FIN: u8 = 3;
+const RESET: u8 = 4;
+const CREDIT: u8 = 5;
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1 << 40);
+
+type TlsStream = tokio_rustls::TlsStream<TcpStream>;
+type Ws = WebSocketStream<TlsStream>;
+
+fn mux(kind: u8, id: u32, payload: &[u8]) -> Message {
+    let mut buf = BytesMut::with_capacity(5 + payload.len());
+    buf.put_u8(kind);
+    buf.put_u32(id);
+    buf.put_slice(payload);
+    Message::Binary(buf.freeze())
+}
+
+fn ws_config(max_frame: usize) -> WebSocketConfig {
+    // One mux message holds one frame plus a 5-byte header.
+    WebSocketConfig::default()
+        .max_message_size(Some(max_frame + 16))
+        .max_frame_size(Some(max_frame + 16))
+}
+
+pub(crate) struct WsTransport {
+    local_addr: SocketAddr,
+    server_name: ServerName<'static>,
+    connector: TlsConnector,
+    settings: TransportSettings,
+    accepted_rx: AsyncMutex<mpsc::Receiver<WsConn>>,
+    counters: Arc<Counters>,
+    accept_task: tokio::task::JoinHandle<()>,
+    closed: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Counters {
+    refused: AtomicU64,
+    protocol: AtomicU64,
+}
+
+impl WsTransport {
+    pub(crate) async fn bind(
+        addr: SocketAddr,
+        tls: &TlsConfig,
+        settings: TransportSettings,
+    ) -> Result<Self, Error> {
+        let bind_err = |e: std::io::Error| Error::Bind {
+            kind: "ws",
+            addr,
+            reason: e.to_string(),
+        };
+        let server_tls = tls
+            .server_config(vec![ALPN.to_vec()])
+            .map_err(crate::ConfigError::from)?;
+        let client_tls = tls
+            .client_config(vec![ALPN.to_vec()])
+            .map_err(crate::ConfigError::from)?;
+        let server_name = ServerName::try_from(tls.server_name().to_owned()).map_err(|e| {
+            Error::Config(crate::ConfigError::Tls(crate::TlsError::Rustls(format!(
+                "invalid server name {:?}: {e}",
+                tls.server_name()
+            ))))
+        })?;
+        let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
+        let (tx, rx) = mpsc::channel(MAX_PENDING_HANDSHAKES);
+        let counters = Arc::new(Counters::default());
+        let (closed, closed_rx) = watch::channel(false);
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            TlsAcceptor::from(Arc::new(server_tls)),
+            tx,
+            settings.clone(),
+            counters.clone(),
+            closed_rx,
+        ));
+        Ok(Self {
+            local_addr,
+            server_name,
+            connector: TlsConnector::from(Arc::new(client_tls)),
+            settings,
+            accepted_rx: AsyncMutex::new(rx),
+            counters,
+            accept_task,
+            closed,
+        })
+    }
+}
+
+impl Drop for WsTransport {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+        self.closed.send_replace(true);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<WsConn>,
+    settings: TransportSettings,
+    counters: Arc<Counters>,
+    mut closed: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let mut handshakes = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
+            _ = closed.wait_for(|c| *c) => return,
+        };
+        let (tcp, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "tcp accept failed");
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            warn!(%remote, "too many pending handshakes, refusing connection");
+            continue;
+        };
+        let (acceptor, tx, settings, counters, closed) = (
+            acceptor.clone(),
+            tx.clone(),
+            settings.clone(),
+            counters.clone(),
+            closed.clone(),
+        );
+        handshakes.spawn(async move {
+            let _permit = permit;
+            let handshake = async {
+                let _ = tcp.set_nodelay(true);
+                let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+                let tls = tokio_rustls::TlsStream::Server(tls);
+                tokio_tungstenite::accept_async_with_config(tls, Some(ws_config(settings.max_frame_size)))
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(settings.connect_timeout, handshake).await {
+                Ok(Ok(ws)) => {
+                    let conn = WsConn::start(ws, remote, false, &settings, counters, closed);
+                    if tx.send(conn).await.is_err() {
+                        debug!("transport dropped, discarding accepted connection");
+                    }
+                }
+                Ok(Err(e)) => {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, error = %e, "refused inbound peer connection (tls or websocket handshake failed)");
+                }
+                Err(_) => {
+                    counters.refused.fetch_add(1, Ordering::Relaxed);
+                    warn!(%remote, "inbound peer handshake timed out");
+                }
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Transport for WsTransport {
+    fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Box<dyn Connection>, TransportError> {
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let tls = self
+                .connector
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let tls = tokio_rustls::TlsStream::Client(tls);
+            let url = format!("wss://{}{PATH}", self.server_name.to_str());
+            let (ws, _) = tokio_tungstenite::client_async_with_config(
+                url,
+                tls,
+                Some(ws_config(self.settings.max_frame_size)),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            Ok::<_, String>(ws)
+        };
+        let ws = tokio::time::timeout(self.settings.connect_timeout, connect)
+            .await
+            .map_err(|_| TransportError::Connect(format!("timed out dialing {addr}")))?
+            .map_err(TransportError::Connect)?;
+        Ok(Box::new(WsConn::start(
+            ws,
+            addr,
+            true,
+            &self.settings,
+            self.counters.clone(),
+            self.closed.subscribe(),
+        )))
+    }
+
+    async fn accept(&self) -> Result<Box<dyn Connection>, TransportError> {
+        match self.accepted_rx.lock().await.recv().await {
+            Some(conn) => Ok(Box::new(conn)),
+            None => Err(TransportError::EndpointClosed),
+        }
+    }
+
+    fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    fn handshake_failures(&self) -> u64 {
+        self.counters.refused.load(Ordering::Relaxed)
+    }
+
+    fn protocol_errors(&self) -> u64 {
+        self.counters.protocol.load(Ordering::Relaxed)
+    }
+}
+
+/// A stream's send credit.
+struct Credit {
+    avail: Mutex<i64>,
+    notify: Notify,
+    /// The receiver abandoned the stream.
+    reset: AtomicBool,
+}
+
+enum Item {
+    Frame(Bytes),
+    Fin,
+}
+
+/// The connection's view of one stream.
+struct Entry {
+    /// Where the reader delivers the stream's frames (`None` once our receive half is gone).
+    deliver: Option<mpsc::UnboundedSender<Item>>,
+    /// Bytes delivered and not yet credited back: bounded by `WINDOW + max_frame`.
+    outstanding: usize,
+    credit: Arc<Credit>,
+    send_alive: bool,
+}
+
+struct Inner {
+    id: u64,
+    remote: SocketAddr,
+    max_frame: usize,
+    dialer: bool,
+    next_id: AtomicU32,
+    out: mpsc::Sender<Message>,
+    ctrl: mpsc::UnboundedSender<Message>,
+    streams: Mutex<HashMap<u32, Entry>>,
+    accept_bi: AsyncMutex<mpsc::Receiver<(WsSend, WsRecv)>>,
+    accept_uni: AsyncMutex<mpsc::Receiver<WsRecv>>,
+    open_permits: Arc<Semaphore>,
+    closed: watch::Sender<Option<TransportError>>,
+    counters: Arc<Counters>,
+}
+
+impl Inner {
+    fn closed_error(&self) -> Option<TransportError> {
+        self.closed.borrow().clone()
+    }
+
+    fn set_closed(&self, err: TransportError) {
+        let first = self.closed.send_if_modified(|c| {
+            if c.is_some() {
+                return false;
+            }
+            *c = Some(err);
+            true
+        });
+        if first {
+            // Wake every stream: pending reads and credit waits fail now.
+            let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+            for entry in streams.values_mut() {
+                entry.deliver = None;
+                entry.credit.notify.notify_waiters();
+            }
+            streams.clear();
+        }
+    }
+
+    async fn wait_closed(&self) -> TransportError {
+        let mut rx = self.closed.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or(TransportError::EndpointClosed),
+            Err(_) => TransportError::EndpointClosed,
+        }
+    }
+
+    fn control(&self, kind: u8, id: u32, payload: &[u8]) {
+        // The writer may be gone (connection closed): nothing to tell then.
+        let _ = self.ctrl.send(mux(kind, id, payload));
+    }
+
+    /// Close on a protocol violation by the peer.
+    fn violation(&self, reason: String) {
+        self.counters.protocol.fetch_add(1, Ordering::Relaxed);
+        warn!(remote = %self.remote, %reason, "peer broke the websocket mux protocol: closing");
+        self.close_with(CloseCode::Protocol, &reason);
+    }
+
+    fn close_with(&self, code: CloseCode, reason: &str) {
+        // A WebSocket close reason holds at most 123 bytes.
+        let mut end = reason.len().min(120);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let frame = CloseFrame {
+            code: WsCloseCode::from(WS_CODE_BASE + code as u16),
+            reason: reason[..end].into(),
+        };
+        let _ = self.ctrl.send(Message::Close(Some(frame)));
+        self.set_closed(TransportError::Closed {
+            code: None,
+            reason: "closed locally".into(),
+        });
+    }
+
+    fn release(&self, id: u32, recv_half: bool) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = streams.get_mut(&id) {
+            if recv_half {
+                e.deliver = None;
+            } else {
+                e.send_alive = false;
+            }
+            if e.deliver.is_none() && !e.send_alive {
+                streams.remove(&id);
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct WsConn {
+    inner: Arc<Inner>,
+    _owner: Arc<ConnOwner>,
+}
+
+/// Closes the connection when the last handle is dropped, like quinn's implicit close.
+struct ConnOwner(Arc<Inner>);
+
+impl Drop for ConnOwner {
+    fn drop(&mut self) {
+        if self.0.closed_error().is_none() {
+            self.0.close_with(CloseCode::Leaving, "connection dropped");
+        }
+    }
+}
+
+impl WsConn {
+    fn start(
+        ws: Ws,
+        remote: SocketAddr,
+        dialer: bool,
+        settings: &TransportSettings,
+        counters: Arc<Counters>,
+        mut endpoint_closed: watch::Receiver<bool>,
+    ) -> WsConn {
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+        let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
+        let (bi_tx, bi_rx) = mpsc::channel(settings.max_concurrent_streams as usize);
+        let (uni_tx, uni_rx) = mpsc::channel(16);
+        let (closed, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed),
+            remote,
+            max_frame: settings.max_frame_size,
+            dialer,
+            next_id: AtomicU32::new(if dialer { 1 } else { 2 }),
+            out: out_tx,
+            ctrl: ctrl_tx,
+            streams: Mutex::new(HashMap::new()),
+            accept_bi: AsyncMutex::new(bi_rx),
+            accept_uni: AsyncMutex::new(uni_rx),
+            open_permits: Arc::new(Semaphore::new(settings.max_concurrent_streams as usize)),
+            closed,
+            counters,
+        });
+        let (sink, stream) = ws.split();
+        tokio::spawn(write_loop(
+            inner.clone(),
+            sink,
+            out_rx,
+            ctrl_rx,
+            settings.keep_alive_interval,
+        ));
+        tokio::spawn(read_loop(
+            inner.clone(),
+            stream,
+            bi_tx,
+            uni_tx,
+            settings.idle_timeout,
+            settings.max_concurrent_streams as usize,
+        ));
+        // The endpoint closing closes its connections.
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let _ = endpoint_closed.wait_for(|c| *c).await;
+            if let Some(inner) = weak.upgrade() {
+                inner.close_with(CloseCode::Leaving, "node leaving");
+            }
+        });
+        WsConn {
+            _owner: Arc::new(ConnOwner(inner.clone())),
+            inner,
+        }
+    }
+
+    fn halves(
+        &self,
+        id: u32,
+        permit: Option<Arc<OwnedSemaphorePermit>>,
+        bi: bool,
+    ) -> (WsSend, Option<WsRecv>) {
+        let credit = Arc::new(Credit {
+            avail: Mutex::new(i64::from(WINDOW)),
+            notify: Notify::new(),
+            reset: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut streams = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.insert(
+            id,
+            Entry {
+                deliver: bi.then_some(tx),
+                outstanding: 0,
+                credit: credit.clone(),
+                send_alive: true,
+            },
+        );
+        let send = WsSend {
+            id,
+            inner: self.inner.clone(),
+            credit,
+            finished: false,
+            _permit: permit.clone(),
+        };
+        let recv = bi.then(|| WsRecv {
+            id,
+            inner: self.inner.clone(),
+            rx,
+            consumed: 0,
+            done: false,
+            _permit: permit,
+        });
+        (send, recv)
+    }
+
+    async fn open(&self, bi: bool) -> Result<(WsSend, Option<WsRecv>), TransportError> {
+        if let Some(e) = self.inner.closed_error() {
+            return Err(e);
+        }
+        let permit = tokio::select! {
+            p = self.inner.open_permits.clone().acquire_owned() => p.map_err(|_| TransportError::EndpointClosed)?,
+            e = self.inner.wait_closed() => return Err(e),
+        };
+        let id = self.inner.next_id.fetch_add(2, Ordering::Relaxed);
+        let (send, recv) = self.halves(id, Some(Arc::new(permit)), bi);
+        let kind = if bi { OPEN_BI } else { OPEN_UNI };
+        self.inner.out.send(mux(kind, id, &[])).await.map_err(|_| {
+            self.inner
+                .closed_error()
+                .unwrap_or(TransportError::EndpointClosed)
+        })?;
+        Ok((send, recv))
+    }
+}
+
+async fn write_loop(
+    inner: Arc<Inner>,
+    mut sink: futures_util::stream::SplitSink<Ws, Message>,
+    mut out: mpsc::Receiver<Message>,
+    mut ctrl: mpsc::UnboundedReceiver<Message>,
+    keep_alive: Duration,
+) {
+    let mut ping = tokio::time::interval(keep_alive);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let msg = tokio::select! {
+            biased;
+            Some(m) = ctrl.recv() => m,
+            Some(m) = out.recv() => m,
+            _ = ping.tick() => Message::Ping(Bytes::new()),
+            else => break,
+        };
+        let closing = matches!(msg, Message::Close(_));
+        if let Err(e) = sink.send(msg).await {
+            inner.set_closed(TransportError::Closed {
+                code: None,
+                reason: format!("write failed: {e}"),
+            });
+            break;
+        }
+        if closing {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+async fn read_loop(
+    inner: Arc<Inner>,
+    mut stream: futures_util::stream::SplitStream<Ws>,
+    bi_tx: mpsc::Sender<(WsSend, WsRecv)>,
+    uni_tx: mpsc::Sender<WsRecv>,
+    idle: Duration,
+    max_streams: usize,
+) {
+    let mut closed_rx = inner.closed.subscribe();
+    let err = loop {
+        let next = tokio::select! {
+            n = tokio::time::timeout(idle, stream.next()) => n,
+            _ = closed_rx.wait_for(Option::is_some) => break TransportError::EndpointClosed,
+        };
+        let msg = match next {
+            Err(_) => {
+                break TransportError::Closed {
+                    code: None,
+                    reason: "idle timeout".into(),
+                };
+            }
+            Ok(None) => {
+                break TransportError::Closed {
+                    code: None,
+                    reason: "connection reset".into(),
+                };
+            }
+            Ok(Some(Err(tungstenite::Error::Capacity(e)))) => {
+                // Refused from its header, before reading it. Every stream learns why; the
+                // stream readers above report the violation.
+                let size = match e {
+                    tungstenite::error::CapacityError::MessageTooLong { size, .. } => {
+                        size.saturating_sub(5) as u64
+                    }
+                    _ => 0,
+                };
+                let err = TransportError::FrameTooLarge {
+                    size,
+                    max: inner.max_frame,
+                };
+                let reason = err.to_string();
+                inner.set_closed(err.clone());
+                inner.close_with(CloseCode::Protocol, &reason);
+                break err;
+            }
+            Ok(Some(Err(e))) => {
+                break TransportError::Closed {
+                    code: None,
+                    reason: e.to_string(),
+                };
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        let data = match msg {
+            Message::Binary(b) => b,
+            Message::Close(frame) => {
+                let (code, reason) = match frame {
+                    Some(f) => {
+                        let raw: u16 = f.code.into();
+                        (
+                            raw.checked_sub(WS_CODE_BASE)
+                                .and_then(|c| CloseCode::from_u32(u32::from(c))),
+                            f.reason.to_string(),
+                        )
+                    }
+                    None => (None, "closed by peer".into()),
+                };
+                break TransportError::Closed { code, reason };
+            }
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Text(_) | Message::Frame(_) => {
+                inner.violation("text message on the peer connection".into());
+                continue;
+            }
+        };
+        if data.len() < 5 {
+            inner.violation(format!("mux message of {} bytes", data.len()));
+            continue;
+        }
+        let kind = data[0];
+        let id = u32::from_be_bytes([data[1], data[2], data[3], data[4]]);
+        let payload = data.slice(5..);
+        match kind {
+            OPEN_BI | OPEN_UNI => {
+                // Streams the peer opens have the peer's parity.
+                let theirs = if inner.dialer {
+                    id % 2 == 0
+                } else {
+                    id % 2 == 1
+                };
+                let exists = inner
+                    .streams
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&id);
+                if !theirs || exists {
+                    inner.violation(format!("bad stream id {id}"));
+                    continue;
+                }
+                let open = inner
+                    .streams
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .len();
+                if open >= max_streams * 2 {
+                    inner.control(RESET, id, &[]);
+                    continue;
+                }
+                let credit = Arc::new(Credit {
+                    avail: Mutex::new(i64::from(WINDOW)),
+                    notify: Notify::new(),
+                    reset: AtomicBool::new(false),
+                });
+                let (tx, rx) = mpsc::unbounded_channel();
+                inner
+                    .streams
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(
+                        id,
+                        Entry {
+                            deliver: Some(tx),
+                            outstanding: 0,
+                            credit: credit.clone(),
+                            send_alive: kind == OPEN_BI,
+                        },
+                    );
+                let recv = WsRecv {
+                    id,
+                    inner: inner.clone(),
+                    rx,
+                    consumed: 0,
+                    done: false,
+                    _permit: None,
+                };
+                let refused = if kind == OPEN_BI {
+                    let send = WsSend {
+                        id,
+                        inner: inner.clone(),
+                        credit,
+                        finished: false,
+                        _permit: None,
+                    };
+                    bi_tx.try_send((send, recv)).is_err()
+                } else {
+                    uni_tx.try_send(recv).is_err()
+                };
+                if refused {
+                    // Too many streams waiting to be accepted: the halves dropped just now
+                    // reset the stream for the peer.
+                    debug!(remote = %inner.remote, "stream refused: accept queue full");
+                }
+            }
+            DATA => {
+                let mut streams = inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(entry) = streams.get_mut(&id) else {
+                    continue; // a stream we abandoned: its late frames are dropped
+                };
+                entry.outstanding += payload.len();
+                if entry.outstanding > WINDOW as usize + inner.max_frame {
+                    drop(streams);
+                    inner.violation(format!("stream {id} exceeded its credit"));
+                    continue;
+                }
+                if let Some(deliver) = &entry.deliver {
+                    let _ = deliver.send(Item::Frame(payload));
+                }
+            }
+            FIN => {
+                let streams = inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(deliver) = streams.get(&id).and_then(|e| e.deliver.as_ref()) {
+                    let _ = deliver.send(Item::Fin);
+                }
+            }
+            RESET => {
+                // The peer's receive half is gone: our send half must stop.
+                let streams = inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(entry) = streams.get(&id) {
+                    entry.credit.reset.store(true, Ordering::Release);
+                    entry.credit.notify.notify_waiters();
+                }
+            }
+            CREDIT => {
+                let Ok(n) = <[u8; 4]>::try_from(&payload[..]).map(u32::from_be_bytes) else {
+                    inner.violation("malformed credit".into());
+                    continue;
+                };
+                let streams = inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(entry) = streams.get(&id) {
+                    *entry.credit.avail.lock().unwrap_or_else(|e| e.into_inner()) += i64::from(n);
+                    entry.credit.notify.notify_waiters();
+                }
+            }
+            other => inner.violation(format!("unknown mux kind {other}")),
+        }
+    };
+    inner.set_closed(err);
+}
+
+#[async_trait]
+impl Connection for WsConn {
+    fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    fn remote_addr(&self) -> SocketAddr {
+        self.inner.remote
+    }
+
+    async fn open_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError> {
+        let (send, recv) = self.open(true).await?;
+        let recv = recv.ok_or(TransportError::EndpointClosed)?;
+        Ok((Box::new(send), Box::new(recv)))
+    }
+
+    async fn accept_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError> {
+        let mut rx = self.inner.accept_bi.lock().await;
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some((s, r)) => Ok((Box::new(s), Box::new(r))),
+                None => Err(self.inner.closed_error().unwrap_or(TransportError::EndpointClosed)),
+            },
+            e = self.inner.wait_closed() => Err(e),
+        }
+    }
+
+    async fn open_uni(&self) -> Result<Box<dyn FrameSend>, TransportError> {
+        let (send, _) = self.open(false).await?;
+        Ok(Box::new(send))
+    }
+
+    async fn accept_uni(&self) -> Result<Box<dyn FrameRecv>, TransportError> {
+        let mut rx = self.inner.accept_uni.lock().await;
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some(r) => Ok(Box::new(r)),
+                None => Err(self.inner.closed_error().unwrap_or(TransportError::EndpointClosed)),
+            },
+            e = self.inner.wait_closed() => Err(e),
+        }
+    }
+
+    fn close(&self, code: CloseCode, reason: &str) {
+        if self.inner.closed_error().is_none() {
+            self.inner.close_with(code, reason);
+        }
+    }
+}
+
+struct WsSend {
+    id: u32,
+    inner: Arc<Inner>,
+    credit: Arc<Credit>,
+    finished: bool,
+    _permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+impl WsSend {
+    /// Wait until the stream has credit, then take `len` of it.
+    async fn take_credit(&self, len: usize) -> Result<(), TransportError> {
+        loop {
+            let notified = self.credit.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(e) = self.inner.closed_error() {
+                return Err(e);
+            }
+            if self.credit.reset.load(Ordering::Acquire) {
+                return Err(TransportError::Io("stream reset by peer".into()));
+            }
+            {
+                let mut avail = self.credit.avail.lock().unwrap_or_else(|e| e.into_inner());
+                // A frame may overdraw the window once: the receiver allows WINDOW + one frame.
+                if *avail > 0 {
+                    *avail -= len as i64;
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                _ = notified => {}
+                e = self.inner.wait_closed() => return Err(e),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl FrameSend for WsSend {
+    async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
+        if frame.len() > self.inner.max_frame {
+            return Err(TransportError::FrameTooLarge {
+                size: frame.len() as u64,
+                max: self.inner.max_frame,
+            });
+        }
+        if self.finished {
+            return Err(TransportError::Io("stream already finished".into()));
+        }
+        self.take_credit(frame.len()).await?;
+        tokio::select! {
+            res = self.inner.out.send(mux(DATA, self.id, &frame)) => {
+                res.map_err(|_| self.inner.closed_error().unwrap_or(TransportError::EndpointClosed))
+            }
+            e = self.inner.wait_closed() => Err(e),
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            // FIN goes on the data path (control messages overtake data): it must follow the
+            // frames already queued for this stream.
+            let id = self.id;
+            if self.inner.out.try_send(mux(FIN, id, &[])).is_err()
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
+                let inner = self.inner.clone();
+                rt.spawn(async move {
+                    let _ = inner.out.send(mux(FIN, id, &[])).await;
+                });
+            }
+        }
+    }
+}
+
+impl Drop for WsSend {
+    fn drop(&mut self) {
+        // Like QUIC: dropping the send half finishes the stream.
+        self.finish();
+        self.inner.release(self.id, false);
+    }
+}
+
+struct WsRecv {
+    id: u32,
+    inner: Arc<Inner>,
+    rx: mpsc::UnboundedReceiver<Item>,
+    consumed: usize,
+    done: bool,
+    _permit: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+#[async_trait]
+impl FrameRecv for WsRecv {
+    async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+        if self.done {
+            return Ok(None);
+        }
+        let item = tokio::select! {
+            biased;
+            item = self.rx.recv() => item,
+            e = self.inner.wait_closed() => return Err(e),
+        };
+        match item {
+            Some(Item::Frame(f)) => {
+                if f.len() > self.inner.max_frame {
+                    return Err(TransportError::FrameTooLarge {
+                        size: f.len() as u64,
+                        max: self.inner.max_frame,
+                    });
+                }
+                self.consumed += f.len();
+                if self.consumed >= WINDOW as usize / 2 {
+                    let n = self.consumed;
+                    self.consumed = 0;
+                    if let Some(entry) = self
+                        .inner
+                        .streams
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_mut(&self.id)
+                    {
+                        entry.outstanding = entry.outstanding.saturating_sub(n);
+                    }
+                    self.inner
+                        .control(CREDIT, self.id, &(n as u32).to_be_bytes());
+                }
+                Ok(Some(f))
+            }
+            Some(Item::Fin) => {
+                self.done = true;
+                Ok(None)
+            }
+            None => Err(self
+                .inner
+                .closed_error()
+                .unwrap_or(TransportError::Io("stream abandoned".into()))),
+        }
+    }
+}
+
+impl Drop for WsRecv {
+    fn drop(&mut self) {
+        if !self.done && self.inner.closed_error().is_none() {
+            // Tell the sender to stop: nobody reads this stream anymore.
+            self.inner.control(RESET, self.id, &[]);
+        }
+        self.inner.release(self.id, true);
+    }
+}
