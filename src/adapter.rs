@@ -284,8 +284,13 @@ impl<E: SocketEmitter> CoreAdapter<E> for MeshAdapter<E> {
         let mut out = self.ask(&query, &opts, Mode::Single, timeout).await?;
         let mut sockets = self.local.fetch_sockets(opts.clone());
         while let Some((_, reply)) = out.next().await {
-            if let Reply::Sockets(s) = reply {
-                sockets.extend(s);
+            if let Reply::Sockets { server_id, ids } = reply {
+                let ns = self.local.path();
+                sockets.extend(ids.into_iter().map(|id| RemoteSocketData {
+                    id,
+                    server_id,
+                    ns: ns.clone(),
+                }));
             }
         }
         Ok(sockets)
@@ -318,8 +323,14 @@ impl<E: SocketEmitter> NsHandler for MeshAdapter<E> {
     fn answer(&self, query: Query) -> Pin<Box<dyn Stream<Item = Reply> + Send>> {
         match query {
             Query::FetchSockets { opts, .. } => {
-                let sockets = self.local.fetch_sockets(opts);
-                futures_util::stream::once(async move { Reply::Sockets(sockets) }).boxed()
+                let ids = self
+                    .local
+                    .fetch_sockets(opts)
+                    .into_iter()
+                    .map(|s| s.id)
+                    .collect();
+                let server_id = self.uid;
+                futures_util::stream::once(async move { Reply::Sockets { server_id, ids } }).boxed()
             }
             Query::Rooms { opts, .. } => {
                 let rooms = self.local.rooms(opts).into_iter().collect();

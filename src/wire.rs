@@ -26,7 +26,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer, de::DeserializeOwn
 use serde_bytes::ByteBuf;
 use socketioxide_core::{
     Sid, Str, Uid, Value,
-    adapter::{BroadcastOptions, RemoteSocketData, Room},
+    adapter::{BroadcastOptions, Room},
     packet::{Packet, PacketData},
 };
 
@@ -210,7 +210,9 @@ impl Query {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Reply {
     #[serde(rename = "0")]
-    Sockets(Vec<RemoteSocketData>),
+    /// The ids of the responder's matching sockets (they all share its server id and the
+    /// query's namespace, sent once).
+    Sockets { server_id: Uid, ids: Vec<Sid> },
     #[serde(rename = "1")]
     Rooms(Vec<Room>),
     /// How many acks follow on this stream.
@@ -578,11 +580,10 @@ mod tests {
                 data: ByteBuf::from(vec![0xc0]),
             },
         );
-        round_trip(Reply::Sockets(vec![RemoteSocketData {
-            id: Sid::new(),
+        round_trip(Reply::Sockets {
             server_id: Uid::new(),
-            ns: "/".into(),
-        }]));
+            ids: vec![Sid::new(), Sid::new()],
+        });
         round_trip(Reply::Rooms(vec!["a".into(), "b".into()]));
         round_trip(Reply::AckCount(3));
         for v in values() {

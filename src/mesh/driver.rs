@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -264,6 +264,10 @@ impl Driver {
                 self.shared.membership.gossip_to(self.conn_addr(id));
             }
             Event::DialFailed { addr, error } => {
+                self.shared
+                    .stats
+                    .dials_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 debug!(%addr, %error, "dial failed");
                 self.table.dial_failed(now, addr, fastrand::f64());
             }

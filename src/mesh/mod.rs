@@ -62,6 +62,7 @@ pub(crate) struct Stats {
     pub slow_peer_cutoffs: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub handshakes_refused: AtomicU64,
+    pub dials_failed: AtomicU64,
     pub requests: AtomicU64,
     pub request_peer_failures: AtomicU64,
     pub queries_answered: AtomicU64,
@@ -87,6 +88,8 @@ pub struct MeshStats {
     /// Incoming connections refused: by TLS (certificate missing or not from the cluster CA)
     /// or by the mesh handshake (wrong cluster, version, magic...).
     pub handshakes_refused: u64,
+    /// Outgoing connections that failed (unreachable, refused by TLS or by the handshake).
+    pub dials_failed: u64,
     /// Requests sent (fetch_sockets, rooms, broadcast with ack, server events with ack).
     pub requests: u64,
     /// Peers that failed to answer a request (died, disconnected, timed out).
@@ -370,6 +373,7 @@ impl Mesh {
             protocol_errors: l(&s.protocol_errors) + self.shared.transport.protocol_errors(),
             handshakes_refused: l(&s.handshakes_refused)
                 + self.shared.transport.handshake_failures(),
+            dials_failed: l(&s.dials_failed),
             requests: l(&s.requests),
             request_peer_failures: l(&s.request_peer_failures),
             queries_answered: l(&s.queries_answered),

@@ -88,7 +88,10 @@ fn mux(kind: u8, id: u32, payload: &[u8]) -> Message {
 
 fn ws_config(max_frame: usize) -> WebSocketConfig {
     // One mux message holds one frame plus a 5-byte header.
+    // tungstenite zeroes `read_buffer_size` bytes ahead of every read: keep it modest, most
+    // mux messages are small (measured: 128 KiB, the default, made memset the top cost).
     WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
         .max_message_size(Some(max_frame + 16))
         .max_frame_size(Some(max_frame + 16))
 }

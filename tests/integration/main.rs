@@ -29,6 +29,7 @@ mod client;
 mod common;
 mod death;
 mod js;
+mod mixed;
 mod ordering;
 mod process;
 mod raw;
