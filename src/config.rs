@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     error::ConfigError,
-    seed::{SeedSource, StaticSeeds},
+    seed::{DiscoverySeeds, SeedSource, StaticSeeds},
     tls::TlsConfig,
 };
 
@@ -174,6 +174,7 @@ impl MeshConfig {
     /// | `MESH_TRANSPORT` | `quic` or `ws` | `quic` |
     /// | `MESH_LISTEN_ADDR` | listen address | `0.0.0.0:7800` |
     /// | `MESH_ADVERTISE_ADDR` | address peers dial | `$POD_IP:<listen port>` if `POD_IP` is set |
+    /// | `MESH_DISCOVERY_URL` | comma-separated discovery service URLs (`https` uses the node's TLS material) | none |
     /// | `MESH_SEEDS` | comma-separated `host:port` (names re-resolved, e.g. a headless Service) | none |
     /// | `MESH_SEED_INTERVAL_MS` | how often seed sources are asked | 5000 |
     /// | `MESH_GOSSIP_INTERVAL_MS` | gossip period | 100 |
@@ -243,6 +244,25 @@ impl MeshConfig {
                 cfg.advertise_addr = Some(SocketAddr::new(ip, cfg.listen_addr.port()));
             }
             (None, None) => {}
+        }
+        if let Some(v) = get("MESH_DISCOVERY_URL") {
+            let urls: Vec<&str> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let env_err = |reason: String| ConfigError::Env {
+                var: "MESH_DISCOVERY_URL",
+                value: v.clone(),
+                reason,
+            };
+            let mut discovery = DiscoverySeeds::new(urls).map_err(|e| env_err(e.to_string()))?;
+            if discovery.needs_tls() {
+                discovery = discovery
+                    .with_tls(&cfg.tls)
+                    .map_err(|e| env_err(e.to_string()))?;
+            }
+            cfg.seeds.push(Arc::new(discovery));
         }
         if let Some(v) = get("MESH_SEEDS") {
             let seeds: Vec<String> = v

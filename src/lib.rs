@@ -85,7 +85,7 @@ pub use config::{DEFAULT_PORT, MeshConfig, TransportKind};
 pub use error::{ConfigError, Error, PeerError, TlsError};
 pub use membership::Member;
 pub use mesh::{Mesh, MeshStats, ServerEvent};
-pub use seed::StaticSeeds;
+pub use seed::{DiscoverySeeds, StaticSeeds};
 pub use tls::{DevCa, NodeCert, TlsConfig};
 pub use wire::PROTOCOL_VERSION;
 

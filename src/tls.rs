@@ -147,6 +147,25 @@ impl TlsConfig {
         Ok(Arc::new(roots))
     }
 
+    /// A rustls server configuration (TLS 1.3, ring) that presents this certificate and
+    /// requires a client certificate from the cluster CA: for your own endpoints that only
+    /// cluster members may call (the discovery service uses it).
+    pub fn rustls_server_config(
+        &self,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        self.server_config(alpn)
+    }
+
+    /// A rustls client configuration (TLS 1.3, ring) that trusts the cluster CA and presents
+    /// this certificate.
+    pub fn rustls_client_config(
+        &self,
+        alpn: Vec<Vec<u8>>,
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        self.client_config(alpn)
+    }
+
     /// A TLS 1.3 server config that requires a client certificate from the cluster CA.
     pub(crate) fn server_config(
         &self,
@@ -310,6 +329,29 @@ impl DevCa {
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
+        ];
+        let key = KeyPair::generate().map_err(gen_err)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
+        Ok(NodeCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issue a certificate for a service (the discovery service, say) valid for the given DNS
+    /// names and IP addresses, with server and client authentication usages.
+    pub fn issue_server(&self, names: &[&str]) -> Result<NodeCert, TlsError> {
+        let gen_err = |e: rcgen::Error| TlsError::Generate(e.to_string());
+        let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).map_err(gen_err)?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("service"),
+        );
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
         ];
         let key = KeyPair::generate().map_err(gen_err)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;

@@ -25,10 +25,12 @@
 //! }
 //! ```
 
+mod discovery;
 mod list;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
+pub use discovery::DiscoverySeeds;
 pub use list::StaticSeeds;
 pub(crate) use list::parse_host_port;
 use socketioxide_core::Uid;
@@ -71,5 +73,107 @@ pub trait SeedSource: Send + Sync + 'static {
     /// Called once when the mesh shuts down gracefully (a registry deregisters the node here).
     async fn leave(&self, ctx: &SeedContext) {
         let _ = ctx;
+    }
+}
+
+/// Asks its sources in order and answers with the first non-empty list: e.g. the discovery
+/// service first, a DNS name as fallback.
+///
+/// (Several sources given to [`MeshConfig::with_seeds`](crate::MeshConfig::with_seeds) are
+/// all asked, and their addresses merged; use this when a source should only be a fallback.)
+///
+/// ```
+/// use socketioxide_mesh::seed::{DiscoverySeeds, FirstOf, StaticSeeds};
+/// # fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let seeds = FirstOf::new()
+///     .or(DiscoverySeeds::new(["http://discovery:8000"])?)
+///     .or(StaticSeeds::new(["mesh-headless.default.svc.cluster.local:7800"]));
+/// # let _ = seeds; Ok(()) }
+/// ```
+#[derive(Default)]
+pub struct FirstOf {
+    sources: Vec<Arc<dyn SeedSource>>,
+}
+
+impl FirstOf {
+    /// No source yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add the next source to try.
+    pub fn or(mut self, source: impl SeedSource) -> Self {
+        self.sources.push(Arc::new(source));
+        self
+    }
+}
+
+#[async_trait::async_trait]
+impl SeedSource for FirstOf {
+    fn name(&self) -> &str {
+        "first-of"
+    }
+
+    async fn seeds(&self, ctx: &SeedContext) -> Result<Vec<SocketAddr>, SeedError> {
+        let mut errors = Vec::new();
+        for source in &self.sources {
+            match source.seeds(ctx).await {
+                Ok(seeds) if !seeds.is_empty() => return Ok(seeds),
+                Ok(_) => {}
+                Err(e) => errors.push(format!("{}: {e}", source.name())),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Vec::new())
+        } else {
+            Err(SeedError::new(errors.join("; ")))
+        }
+    }
+
+    async fn leave(&self, ctx: &SeedContext) {
+        for source in &self.sources {
+            source.leave(ctx).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(Vec<SocketAddr>, bool);
+
+    #[async_trait::async_trait]
+    impl SeedSource for Fixed {
+        fn name(&self) -> &str {
+            "fixed"
+        }
+        async fn seeds(&self, _: &SeedContext) -> Result<Vec<SocketAddr>, SeedError> {
+            if self.1 {
+                Err(SeedError::new("down"))
+            } else {
+                Ok(self.0.clone())
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn first_of_falls_back_in_order() {
+        let ctx = SeedContext {
+            cluster_id: "c".into(),
+            node_id: socketioxide_core::Uid::new(),
+            advertise_addr: "10.0.0.1:1".parse().unwrap(),
+        };
+        let a: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        let b: SocketAddr = "10.0.0.3:1".parse().unwrap();
+        let s = FirstOf::new()
+            .or(Fixed(vec![], true))
+            .or(Fixed(vec![], false))
+            .or(Fixed(vec![a], false))
+            .or(Fixed(vec![b], false));
+        assert_eq!(s.seeds(&ctx).await.unwrap(), vec![a]);
+        let s = FirstOf::new().or(Fixed(vec![], true));
+        assert!(s.seeds(&ctx).await.is_err());
+        assert!(FirstOf::new().seeds(&ctx).await.unwrap().is_empty());
     }
 }

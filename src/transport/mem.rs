@@ -323,6 +323,7 @@ impl Connection for MemConn {
     async fn accept_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError> {
         let mut rx = self.accept_bi_rx.lock().await;
         tokio::select! {
+            biased; // streams already opened are delivered before the close
             got = rx.recv() => match got {
                 Some((s, mut r)) => {
                     r.max_frame = self.max_frame;
@@ -349,6 +350,7 @@ impl Connection for MemConn {
     async fn accept_uni(&self) -> Result<Box<dyn FrameRecv>, TransportError> {
         let mut rx = self.accept_uni_rx.lock().await;
         tokio::select! {
+            biased; // streams already opened are delivered before the close
             got = rx.recv() => match got {
                 Some(mut r) => {
                     r.max_frame = self.max_frame;

@@ -794,6 +794,7 @@ impl Connection for WsConn {
     async fn accept_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError> {
         let mut rx = self.inner.accept_bi.lock().await;
         tokio::select! {
+            biased; // streams already opened are delivered before the close
             got = rx.recv() => match got {
                 Some((s, r)) => Ok((Box::new(s), Box::new(r))),
                 None => Err(self.inner.closed_error().unwrap_or(TransportError::EndpointClosed)),
@@ -810,6 +811,7 @@ impl Connection for WsConn {
     async fn accept_uni(&self) -> Result<Box<dyn FrameRecv>, TransportError> {
         let mut rx = self.inner.accept_uni.lock().await;
         tokio::select! {
+            biased; // streams already opened are delivered before the close
             got = rx.recv() => match got {
                 Some(r) => Ok(Box::new(r)),
                 None => Err(self.inner.closed_error().unwrap_or(TransportError::EndpointClosed)),

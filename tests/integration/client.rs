@@ -214,6 +214,13 @@ impl Client {
         let _ = self.out.send(Message::Text(text.into()));
     }
 
+    /// Emit an event (no ack).
+    pub fn emit(&self, ns: &str, event: &str, args: Vec<Value>) {
+        let mut data = vec![json!(event)];
+        data.extend(args);
+        self.send_raw(format!("42{}{}", ns_prefix(ns), Value::Array(data)));
+    }
+
     /// Emit an event and wait for the server's ack.
     pub async fn emit_with_ack(
         &mut self,

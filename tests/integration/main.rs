@@ -28,6 +28,7 @@ mod bad_input;
 mod client;
 mod common;
 mod death;
+mod discovery;
 mod js;
 mod mixed;
 mod ordering;
