@@ -312,16 +312,28 @@ impl DevCa {
     /// Issue a node certificate (server and client auth) for `node_name`, valid for the cluster
     /// DNS name and `<node_name>.<cluster name>`.
     pub fn issue(&self, node_name: &str) -> Result<NodeCert, TlsError> {
-        let gen_err = |e: rcgen::Error| TlsError::Generate(e.to_string());
-        let sans = vec![
+        let sans = [
             self.server_name.clone(),
             format!("{node_name}.{}", self.server_name),
         ];
-        let mut params = CertificateParams::new(sans).map_err(gen_err)?;
+        self.sign(node_name, &sans)
+    }
+
+    /// Issue a certificate for a service (the discovery service, say) valid for the given DNS
+    /// names and IP addresses, with server and client authentication usages.
+    pub fn issue_server(&self, names: &[&str]) -> Result<NodeCert, TlsError> {
+        let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        self.sign(names.first().copied().unwrap_or("service"), &sans)
+    }
+
+    /// A leaf certificate for `sans` (DNS names, or IP addresses when they parse as such).
+    fn sign(&self, common_name: &str, sans: &[String]) -> Result<NodeCert, TlsError> {
+        let gen_err = |e: rcgen::Error| TlsError::Generate(e.to_string());
+        let mut params = CertificateParams::new(sans.to_vec()).map_err(gen_err)?;
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
-            .push(DnType::CommonName, node_name);
+            .push(DnType::CommonName, common_name);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -329,29 +341,6 @@ impl DevCa {
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
-        ];
-        let key = KeyPair::generate().map_err(gen_err)?;
-        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
-        Ok(NodeCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
-    }
-
-    /// Issue a certificate for a service (the discovery service, say) valid for the given DNS
-    /// names and IP addresses, with server and client authentication usages.
-    pub fn issue_server(&self, names: &[&str]) -> Result<NodeCert, TlsError> {
-        let gen_err = |e: rcgen::Error| TlsError::Generate(e.to_string());
-        let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(sans).map_err(gen_err)?;
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(
-            DnType::CommonName,
-            names.first().copied().unwrap_or("service"),
-        );
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
         ];
         let key = KeyPair::generate().map_err(gen_err)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;

@@ -12,10 +12,23 @@ pub(crate) mod quic;
 mod suite;
 pub(crate) mod ws;
 
-use std::{fmt, net::SocketAddr};
+use std::{
+    fmt,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+};
 
 /// Application close codes, sent with a connection close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +171,82 @@ impl TransportSettings {
             keep_alive_interval: cfg.keep_alive_interval,
             idle_timeout: cfg.idle_timeout,
             connect_timeout: cfg.connect_timeout,
+        }
+    }
+}
+
+/// Handshakes of incoming connections at once; more are refused.
+pub(crate) const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// Incoming handshakes in progress, bounded and timed, so a slow or hostile client can neither
+/// hold up the others nor make the node start unbounded work. Owned by a transport's accept
+/// loop: dropping it aborts the handshakes in progress.
+pub(crate) struct Handshakes<C> {
+    permits: Arc<Semaphore>,
+    tasks: JoinSet<()>,
+    accepted: mpsc::Sender<C>,
+    refused: Arc<AtomicU64>,
+    timeout: Duration,
+}
+
+impl<C: Send + 'static> Handshakes<C> {
+    pub(crate) fn new(
+        accepted: mpsc::Sender<C>,
+        refused: Arc<AtomicU64>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            tasks: JoinSet::new(),
+            accepted,
+            refused,
+            timeout,
+        }
+    }
+
+    /// Whether another handshake may start now.
+    pub(crate) fn has_room(&self) -> bool {
+        self.permits.available_permits() > 0
+    }
+
+    /// Run `handshake` (bounded by the timeout); a success is handed to `accept`, a failure
+    /// is logged and counted. Returns false, starting nothing, when too many are in progress.
+    pub(crate) fn start<F>(&mut self, remote: SocketAddr, handshake: F) -> bool
+    where
+        F: Future<Output = Result<C, String>> + Send + 'static,
+    {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "too many pending handshakes, refusing connection");
+            return false;
+        };
+        let (accepted, refused, timeout) =
+            (self.accepted.clone(), self.refused.clone(), self.timeout);
+        self.tasks.spawn(async move {
+            let result = tokio::time::timeout(timeout, handshake).await;
+            drop(permit);
+            match result {
+                Ok(Ok(conn)) => {
+                    if accepted.send(conn).await.is_err() {
+                        tracing::debug!("transport dropped, discarding accepted connection");
+                    }
+                }
+                Ok(Err(e)) => {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%remote, error = %e, "refused inbound peer connection (handshake failed)");
+                }
+                Err(_) => {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%remote, "inbound peer handshake timed out");
+                }
+            }
+        });
+        true
+    }
+
+    /// Collect finished handshakes; never resolves while none is running.
+    pub(crate) async fn reap(&mut self) {
+        if self.tasks.join_next().await.is_none() {
+            std::future::pending::<()>().await;
         }
     }
 }

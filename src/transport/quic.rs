@@ -15,21 +15,16 @@ use quinn::{
     ConnectionError, ReadError, ReadExactError, VarInt, WriteError,
     crypto::rustls::{QuicClientConfig, QuicServerConfig},
 };
-use tokio::{
-    sync::{Mutex, Semaphore, mpsc},
-    task::JoinSet,
-};
-use tracing::{debug, warn};
+use tokio::sync::{Mutex, mpsc};
 
 use super::{
-    CloseCode, Connection, FrameRecv, FrameSend, Transport, TransportError, TransportSettings,
+    CloseCode, Connection, FrameRecv, FrameSend, Handshakes, MAX_PENDING_HANDSHAKES, Transport,
+    TransportError, TransportSettings,
 };
 use crate::{error::Error, tls::TlsConfig};
 
 /// ALPN of the peer protocol over QUIC.
 pub(crate) const ALPN: &[u8] = b"sio-mesh/1";
-/// Handshakes being verified at once; more incoming connections are refused.
-const MAX_PENDING_HANDSHAKES: usize = 64;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -138,40 +133,24 @@ async fn accept_loop(
     max_frame: usize,
     refused: Arc<AtomicU64>,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-    let mut handshakes = JoinSet::new();
+    let mut handshakes = Handshakes::new(tx, refused, timeout);
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
+            _ = handshakes.reap() => continue,
         };
         let Some(incoming) = incoming else { break };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            warn!(remote = %incoming.remote_address(), "too many pending handshakes, refusing connection");
+        let remote = incoming.remote_address();
+        if !handshakes.has_room() {
+            tracing::warn!(%remote, "too many pending handshakes, refusing connection");
             incoming.refuse();
             continue;
-        };
-        let tx = tx.clone();
-        let refused = refused.clone();
-        handshakes.spawn(async move {
-            let _permit = permit;
-            let remote = incoming.remote_address();
-            match tokio::time::timeout(timeout, incoming).await {
-                Ok(Ok(conn)) => {
-                    let conn = QuicConn::new(conn, max_frame);
-                    if tx.send(conn).await.is_err() {
-                        debug!("transport dropped, discarding accepted connection");
-                    }
-                }
-                Ok(Err(e)) => {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                    warn!(%remote, error = %e, "refused inbound peer connection (tls handshake failed)");
-                }
-                Err(_) => {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                    warn!(%remote, "inbound peer handshake timed out");
-                }
-            }
+        }
+        handshakes.start(remote, async move {
+            incoming
+                .await
+                .map(|conn| QuicConn::new(conn, max_frame))
+                .map_err(|e| format!("tls: {e}"))
         });
     }
 }

@@ -36,7 +36,6 @@ use rustls_pki_types::ServerName;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{Mutex as AsyncMutex, Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch},
-    task::JoinSet,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_tungstenite::{
@@ -49,7 +48,8 @@ use tokio_tungstenite::{
 use tracing::{debug, warn};
 
 use super::{
-    CloseCode, Connection, FrameRecv, FrameSend, Transport, TransportError, TransportSettings,
+    CloseCode, Connection, FrameRecv, FrameSend, Handshakes, MAX_PENDING_HANDSHAKES, Transport,
+    TransportError, TransportSettings,
 };
 use crate::{error::Error, tls::TlsConfig};
 
@@ -61,8 +61,6 @@ const PATH: &str = "/sio-mesh";
 pub(crate) const WINDOW: u32 = 512 * 1024;
 /// Mux messages queued for the socket writer; senders wait beyond (TCP backpressure).
 const OUT_QUEUE: usize = 256;
-/// Handshakes (TLS + WebSocket) in progress at once; more connections are refused.
-const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Close codes travel as WebSocket close codes in the private range 4000-4999.
 const WS_CODE_BASE: u16 = 4000;
 
@@ -109,7 +107,7 @@ pub(crate) struct WsTransport {
 
 #[derive(Default)]
 struct Counters {
-    refused: AtomicU64,
+    refused: Arc<AtomicU64>,
     protocol: AtomicU64,
 }
 
@@ -177,12 +175,11 @@ async fn accept_loop(
     counters: Arc<Counters>,
     mut closed: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-    let mut handshakes = JoinSet::new();
+    let mut handshakes = Handshakes::new(tx, counters.refused.clone(), settings.connect_timeout);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
+            _ = handshakes.reap() => continue,
             _ = closed.wait_for(|c| *c) => return,
         };
         let (tcp, remote) = match accepted {
@@ -192,43 +189,29 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            warn!(%remote, "too many pending handshakes, refusing connection");
-            continue;
-        };
-        let (acceptor, tx, settings, counters, closed) = (
+        let (acceptor, settings, counters, closed) = (
             acceptor.clone(),
-            tx.clone(),
             settings.clone(),
             counters.clone(),
             closed.clone(),
         );
-        handshakes.spawn(async move {
-            let _permit = permit;
-            let handshake = async {
-                let _ = tcp.set_nodelay(true);
-                let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
-                let tls = tokio_rustls::TlsStream::Server(tls);
-                tokio_tungstenite::accept_async_with_config(tls, Some(ws_config(settings.max_frame_size)))
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match tokio::time::timeout(settings.connect_timeout, handshake).await {
-                Ok(Ok(ws)) => {
-                    let conn = WsConn::start(ws, remote, false, &settings, counters, closed);
-                    if tx.send(conn).await.is_err() {
-                        debug!("transport dropped, discarding accepted connection");
-                    }
-                }
-                Ok(Err(e)) => {
-                    counters.refused.fetch_add(1, Ordering::Relaxed);
-                    warn!(%remote, error = %e, "refused inbound peer connection (tls or websocket handshake failed)");
-                }
-                Err(_) => {
-                    counters.refused.fetch_add(1, Ordering::Relaxed);
-                    warn!(%remote, "inbound peer handshake timed out");
-                }
-            }
+        // Refused when full: dropping the TCP stream closes it.
+        handshakes.start(remote, async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = acceptor
+                .accept(tcp)
+                .await
+                .map_err(|e| format!("tls: {e}"))?;
+            let tls = tokio_rustls::TlsStream::Server(tls);
+            let ws = tokio_tungstenite::accept_async_with_config(
+                tls,
+                Some(ws_config(settings.max_frame_size)),
+            )
+            .await
+            .map_err(|e| format!("websocket: {e}"))?;
+            Ok(WsConn::start(
+                ws, remote, false, &settings, counters, closed,
+            ))
         });
     }
 }
