@@ -294,6 +294,12 @@ impl PeerTable {
         a.wanted = !a.dialing;
     }
 
+    fn addr_taken_by_other(&self, node: NodeId, addr: SocketAddr) -> bool {
+        self.nodes.iter().any(|(id, n)| {
+            *id != node && n.addr == addr && (n.canonical.is_some() || !n.others.is_empty())
+        })
+    }
+
     fn has_conn_to(&self, addr: SocketAddr) -> bool {
         self.nodes
             .values()
@@ -306,12 +312,17 @@ impl PeerTable {
         if let Some(a) = self.actions.pop_front() {
             return Some(a);
         }
-        // Members we must dial (we are the lower id) and have no canonical connection to.
+        // Members we must dial (we are the lower id) and have no canonical connection to. An
+        // address now connected to another node (a restart at the same address, before the
+        // old incarnation is declared dead) is not dialed again for the old one.
         let to_dial: Vec<SocketAddr> = self
             .nodes
             .iter()
             .filter(|(id, n)| {
-                n.canonical.is_none() && self.i_dial(**id) && (n.live || !n.others.is_empty())
+                n.canonical.is_none()
+                    && self.i_dial(**id)
+                    && (n.live || !n.others.is_empty())
+                    && !self.addr_taken_by_other(**id, n.addr)
             })
             .map(|(_, n)| n.addr)
             .collect();
@@ -560,6 +571,34 @@ mod tests {
         t.connected(now, 9, high, addr(150), true);
         t.want(now, addr(150));
         assert!(!drain(&mut t, now).contains(&Action::Dial(addr(150))));
+    }
+
+    #[test]
+    fn restart_at_the_same_address_does_not_redial_for_the_old_incarnation() {
+        let (low, _) = ids();
+        // Two higher ids: the old incarnation and the restarted node, same address.
+        let (mut old, mut new) = (Sid::new(), Sid::new());
+        while !PeerTable::is_canonical(low, old) {
+            old = Sid::new();
+        }
+        while !PeerTable::is_canonical(low, new) {
+            new = Sid::new();
+        }
+        let now = Instant::now();
+        let mut t = table(low);
+        t.set_live(&[(old, addr(2))]);
+        assert_eq!(drain(&mut t, now), vec![Action::Dial(addr(2))]);
+        // The address now answers as the new incarnation.
+        t.connected(now, 1, new, addr(2), true);
+        drain(&mut t, now);
+        // Gossip still lists the old one as live for a while: no dial loop for it.
+        t.set_live(&[(old, addr(2)), (new, addr(2))]);
+        assert_eq!(drain(&mut t, now + 10 * MS), vec![]);
+        assert_eq!(drain(&mut t, now + 1000 * MS), vec![]);
+        // Once declared dead it is forgotten; the new one keeps its connection.
+        t.set_live(&[(new, addr(2))]);
+        assert_eq!(drain(&mut t, now), vec![Action::Forget { node: old }]);
+        assert_eq!(t.route(new), Some(1));
     }
 
     #[test]

@@ -149,8 +149,45 @@ async fn slow_peer_is_cut_off_without_stalling_the_others(
     Ok(())
 }
 
+async fn killed_node_restarted_in_place_rejoins(kind: TransportKind) -> anyhow::Result<()> {
+    logs();
+    let ca = socketioxide_mesh::DevCa::generate("restart CA")?;
+    let certs = TempDir::new("restart");
+    let env = [
+        ("MESH_CLUSTER_ID", "restart"),
+        ("MESH_GOSSIP_INTERVAL_MS", "50"),
+    ];
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let dir = certs.0.join(format!("n{i}"));
+        ca.write_dir(&dir, &format!("n{i}"))?;
+        let seeds: Vec<_> = nodes
+            .first()
+            .map(|n: &ProcNode| vec![n.mesh])
+            .unwrap_or_default();
+        nodes.push(ProcNode::spawn(kind, &dir, &seeds, &env).await?);
+    }
+    for n in &nodes {
+        members(n, 2).await?;
+    }
+    // Kill n2 and restart it at once on the same addresses, before the others notice: the old
+    // incarnation must go away, the new one must join, under the same address.
+    let mut old = nodes.pop().expect("3 nodes");
+    old.child.kill().await?;
+    let (http, mesh) = (old.http.to_string(), old.mesh.to_string());
+    let seeds = [nodes[0].mesh];
+    let new = ProcNode::spawn_at(kind, &certs.0.join("n2"), &seeds, &env, &http, &mesh).await?;
+    assert_ne!(new.node_id, old.node_id, "a restarted node is a new member");
+    nodes.push(new);
+    for n in &nodes {
+        members(n, 2).await?;
+    }
+    chat_reaches_everyone(&nodes.iter().collect::<Vec<_>>(), "back").await
+}
+
 both_transports!(
     killed_node_ends_inflight_requests_early,
     graceful_shutdown_is_noticed_at_once,
+    killed_node_restarted_in_place_rejoins,
     slow_peer_is_cut_off_without_stalling_the_others
 );

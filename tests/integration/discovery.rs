@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::Path, process::Stdio, sync::Arc, time::Duration};
 
 use anyhow::{Context, anyhow};
-use serde_json::{Value, json};
+use serde_json::Value;
 use socketioxide_mesh::{DevCa, TransportKind};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -98,58 +98,6 @@ async fn node(
         ],
     )
     .await
-}
-
-/// Wait until a node process lists `n` members (its `/mesh` endpoint).
-async fn members(node: &ProcNode, n: usize) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let body = http_get(node.http, "/mesh").await.unwrap_or_default();
-        let seen = serde_json::from_str::<Value>(&body)
-            .ok()
-            .and_then(|v| v["members"].as_array().map(Vec::len))
-            .unwrap_or(0);
-        if seen == n {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{} sees {seen} members, not {n}",
-            node.http
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Every client gets a chat message sent by the first one (the node example broadcasts "chat"
-/// to everyone but the sender).
-async fn chat_reaches_everyone(nodes: &[&ProcNode], tag: &str) -> anyhow::Result<()> {
-    let mut clients = Vec::new();
-    for n in nodes {
-        clients.push(Client::connect(n.http, &["/"]).await?);
-    }
-    clients[0].emit("/", "chat", vec![json!(tag)]);
-    for c in &mut clients[1..] {
-        let p = c.event("/", "chat").await?;
-        assert_eq!(p.args(), vec![json!(tag)]);
-    }
-    // A request across the mesh, too: every client is listed (earlier tests' clients may
-    // still be on their way out, so check ours are there).
-    let ack = clients[0]
-        .emit_with_ack("/", "fetch", vec![Value::Null])
-        .await?;
-    let listed: Vec<&str> = ack[0]
-        .as_array()
-        .map(|a| a.iter().filter_map(|s| s["id"].as_str()).collect())
-        .unwrap_or_default();
-    for c in &clients {
-        assert!(
-            listed.contains(&c.sid("/").as_str()),
-            "{} missing from {listed:?}",
-            c.sid("/")
-        );
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
+    time::Duration,
 };
 
 use anyhow::{Context, anyhow};
@@ -13,7 +14,12 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::common::WAIT;
+use serde_json::{Value, json};
+
+use crate::{
+    common::{Client, WAIT},
+    js::http_get,
+};
 
 /// The path of an example binary built by cargo next to this test binary.
 pub fn example_bin(name: &str) -> anyhow::Result<PathBuf> {
@@ -48,12 +54,24 @@ impl ProcNode {
         seeds: &[SocketAddr],
         env: &[(&str, &str)],
     ) -> anyhow::Result<ProcNode> {
+        Self::spawn_at(kind, certs, seeds, env, "127.0.0.1:0", "127.0.0.1:0").await
+    }
+
+    /// [`spawn`](Self::spawn) on given HTTP and mesh addresses (to restart a node in place).
+    pub async fn spawn_at(
+        kind: socketioxide_mesh::TransportKind,
+        certs: &Path,
+        seeds: &[SocketAddr],
+        env: &[(&str, &str)],
+        http: &str,
+        mesh: &str,
+    ) -> anyhow::Result<ProcNode> {
         let mut cmd = Command::new(example_bin("node")?);
         cmd.env("MESH_TRANSPORT", kind.as_str());
         cmd.arg("--http")
-            .arg("127.0.0.1:0")
+            .arg(http)
             .arg("--mesh")
-            .arg("127.0.0.1:0")
+            .arg(mesh)
             .arg("--certs")
             .arg(certs)
             .env("RUST_LOG", "warn")
@@ -135,4 +153,56 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Wait until a node process lists `n` members (its `/mesh` endpoint).
+pub async fn members(node: &ProcNode, n: usize) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = http_get(node.http, "/mesh").await.unwrap_or_default();
+        let seen = serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v["members"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if seen == n {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} sees {seen} members, not {n}",
+            node.http
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every client gets a chat message sent by the first one (the node example broadcasts "chat"
+/// to everyone but the sender).
+pub async fn chat_reaches_everyone(nodes: &[&ProcNode], tag: &str) -> anyhow::Result<()> {
+    let mut clients = Vec::new();
+    for n in nodes {
+        clients.push(Client::connect(n.http, &["/"]).await?);
+    }
+    clients[0].emit("/", "chat", vec![json!(tag)]);
+    for c in &mut clients[1..] {
+        let p = c.event("/", "chat").await?;
+        assert_eq!(p.args(), vec![json!(tag)]);
+    }
+    // A request across the mesh, too: every client is listed (earlier tests' clients may
+    // still be on their way out, so check ours are there).
+    let ack = clients[0]
+        .emit_with_ack("/", "fetch", vec![Value::Null])
+        .await?;
+    let listed: Vec<&str> = ack[0]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["id"].as_str()).collect())
+        .unwrap_or_default();
+    for c in &clients {
+        assert!(
+            listed.contains(&c.sid("/").as_str()),
+            "{} missing from {listed:?}",
+            c.sid("/")
+        );
+    }
+    Ok(())
 }
