@@ -87,6 +87,7 @@ pub struct MeshConfig {
     pub(crate) listen_addr: SocketAddr,
     pub(crate) advertise_addr: Option<SocketAddr>,
     pub(crate) tls: TlsConfig,
+    pub(crate) tls_reload: Option<Duration>,
     pub(crate) seeds: Vec<Arc<dyn SeedSource>>,
     pub(crate) seed_interval: Duration,
     pub(crate) gossip_interval: Duration,
@@ -134,6 +135,7 @@ impl MeshConfig {
             listen_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT),
             advertise_addr: None,
             tls,
+            tls_reload: Some(Duration::from_secs(30)),
             seeds: Vec::new(),
             seed_interval: Duration::from_secs(5),
             gossip_interval: Duration::from_millis(100),
@@ -170,6 +172,7 @@ impl MeshConfig {
     /// | `MESH_TLS_DIR` | folder with `ca.pem`, `node.pem`, `node.key` | — |
     /// | `MESH_TLS_CA`, `MESH_TLS_CERT`, `MESH_TLS_KEY` | PEM files (instead of `MESH_TLS_DIR`) | — |
     /// | `MESH_TLS_SERVER_NAME` | DNS name in every node certificate | `socketioxide-mesh.internal` |
+    /// | `MESH_TLS_RELOAD_MS` | how often the TLS files are checked for changes (0: never) | 30000 |
     /// | `MESH_CLUSTER_ID` | cluster id | `socketioxide-mesh` |
     /// | `MESH_TRANSPORT` | `quic` or `ws` | `quic` |
     /// | `MESH_LISTEN_ADDR` | listen address | `0.0.0.0:7800` |
@@ -281,6 +284,10 @@ impl MeshConfig {
             if !seeds.is_empty() {
                 cfg.seeds.push(Arc::new(StaticSeeds::new(seeds)));
             }
+        }
+        if let Some(v) = get("MESH_TLS_RELOAD_MS") {
+            let ms: u64 = parse("MESH_TLS_RELOAD_MS", v)?;
+            cfg.tls_reload = (ms > 0).then(|| Duration::from_millis(ms));
         }
         if let Some(d) = ms("MESH_SEED_INTERVAL_MS")? {
             cfg.seed_interval = d;
@@ -438,6 +445,15 @@ impl MeshConfig {
         self
     }
 
+    /// When the TLS material was read from files, check them this often and use the new
+    /// certificates for connections made from then on (cert-manager rotations, Kubernetes
+    /// secret updates); `None` disables it. A file that fails to load is logged and the current
+    /// material kept. Default: every 30 s.
+    pub fn with_tls_reload(mut self, every: Option<Duration>) -> Self {
+        self.tls_reload = every;
+        self
+    }
+
     /// The cluster id.
     pub fn cluster_id(&self) -> &str {
         &self.cluster_id
@@ -503,6 +519,9 @@ impl MeshConfig {
             self.reconnect_min,
             s(600),
         )?;
+        if let Some(every) = self.tls_reload {
+            range("tls_reload", every, ms(100), s(86400))?;
+        }
         if self.keep_alive_interval >= self.idle_timeout {
             return Err(ConfigError::Value {
                 name: "keep_alive_interval",

@@ -44,6 +44,8 @@ pub struct TlsConfig {
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     server_name: String,
+    /// The files it was read from, to reload them when they change.
+    files: Option<[std::path::PathBuf; 3]>,
 }
 
 impl Clone for TlsConfig {
@@ -53,6 +55,7 @@ impl Clone for TlsConfig {
             cert_chain: self.cert_chain.clone(),
             key: self.key.clone_key(),
             server_name: self.server_name.clone(),
+            files: self.files.clone(),
         }
     }
 }
@@ -81,6 +84,7 @@ impl TlsConfig {
             cert_chain,
             key,
             server_name: DEFAULT_SERVER_NAME.into(),
+            files: None,
         };
         // Fail now, at configuration time, rather than at the first handshake.
         cfg.server_config(Vec::new())?;
@@ -108,11 +112,13 @@ impl TlsConfig {
                 reason: e.to_string(),
             })
         };
-        let (ca, cert, key) = (ca.as_ref(), cert.as_ref(), key.as_ref());
+        let (ca, cert, key_path) = (ca.as_ref(), cert.as_ref(), key.as_ref());
         let ca_certs = certs_from_pem(&read(ca)?, &ca.display().to_string())?;
         let chain = certs_from_pem(&read(cert)?, &cert.display().to_string())?;
-        let key = key_from_pem(&read(key)?, &key.display().to_string())?;
-        Self::from_der(ca_certs, chain, key)
+        let key = key_from_pem(&read(key_path)?, &key_path.display().to_string())?;
+        let mut cfg = Self::from_der(ca_certs, chain, key)?;
+        cfg.files = Some([ca.to_path_buf(), cert.to_path_buf(), key_path.to_path_buf()]);
+        Ok(cfg)
     }
 
     /// Load `ca.pem`, `node.pem` and `node.key` from a folder, the layout written by
@@ -123,6 +129,24 @@ impl TlsConfig {
             dir.join("ca.pem"),
             dir.join("node.pem"),
             dir.join("node.key"),
+        )
+    }
+
+    /// When read from files: the newest modification time among them.
+    pub(crate) fn files_modified(&self) -> Option<std::time::SystemTime> {
+        self.files
+            .as_ref()?
+            .iter()
+            .filter_map(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+            .max()
+    }
+
+    /// Read the files again (same server name). `None` when not read from files.
+    pub(crate) fn reload(&self) -> Option<Result<TlsConfig, TlsError>> {
+        let [ca, cert, key] = self.files.as_ref()?;
+        Some(
+            Self::from_pem_files(ca, cert, key)
+                .map(|t| t.with_server_name(self.server_name.clone())),
         )
     }
 

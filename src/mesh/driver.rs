@@ -94,6 +94,11 @@ pub(super) async fn spawn(
         .tasks
         .spawn(seed_loop(shared.clone(), cfg.seed_interval, seeds_tx));
     shared.tasks.spawn(load_loop(shared.clone()));
+    if let Some(every) = cfg.tls_reload {
+        shared
+            .tasks
+            .spawn(tls_reload_loop(shared.clone(), cfg.tls.clone(), every));
+    }
     shared
         .tasks
         .spawn(driver.run(events_rx, live, gossip_out, seeds_rx));
@@ -452,6 +457,41 @@ async fn load_loop(shared: Arc<Shared>) {
         if last != Some(n) {
             shared.membership.set(keys::SOCKETS, &n.to_string()).await;
             last = Some(n);
+        }
+    }
+}
+
+/// Watches the TLS files and hands new material to the transport when they change.
+async fn tls_reload_loop(shared: Arc<Shared>, tls: crate::TlsConfig, every: Duration) {
+    let mut seen = tls.files_modified();
+    if seen.is_none() {
+        return; // not read from files: nothing to watch
+    }
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let modified = tls.files_modified();
+        if modified == seen {
+            continue;
+        }
+        // Whatever happens, do not retry until the files change again (no log flood while a
+        // half-written file sits there).
+        seen = modified;
+        match tls.reload() {
+            Some(Ok(new)) => match shared.transport.reload_tls(&new) {
+                Ok(()) => info!("TLS files changed: new connections use the new certificates"),
+                Err(e) => {
+                    warn!(error = %e, "TLS files changed but cannot be used: keeping the current ones")
+                }
+            },
+            Some(Err(e)) => {
+                warn!(error = %e, "TLS files changed but cannot be loaded: keeping the current ones")
+            }
+            None => return,
         }
     }
 }

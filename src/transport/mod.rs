@@ -105,6 +105,12 @@ pub(crate) trait Transport: Send + Sync + 'static {
     fn handshake_failures(&self) -> u64 {
         0
     }
+    /// Use new TLS material (rotated certificates) for connections from now on; open
+    /// connections keep theirs.
+    fn reload_tls(&self, tls: &crate::TlsConfig) -> Result<(), crate::Error> {
+        let _ = tls;
+        Ok(())
+    }
     /// Connections closed by the transport itself for a protocol violation (the WebSocket
     /// multiplexer's own framing); violations above the transport are counted by the mesh.
     fn protocol_errors(&self) -> u64 {

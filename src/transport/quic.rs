@@ -30,6 +30,8 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 pub(crate) struct QuicTransport {
     endpoint: quinn::Endpoint,
+    /// Replaced when the TLS material is reloaded.
+    client: std::sync::RwLock<quinn::ClientConfig>,
     local_addr: SocketAddr,
     server_name: String,
     settings: TransportSettings,
@@ -54,40 +56,41 @@ fn transport_config(s: &TransportSettings) -> Result<quinn::TransportConfig, Err
     Ok(t)
 }
 
+/// The quinn server and client configurations for this TLS material.
+fn quinn_configs(
+    tls: &TlsConfig,
+    settings: &TransportSettings,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), Error> {
+    let tconf = Arc::new(transport_config(settings)?);
+    let tls_err = |e: String| Error::Config(crate::ConfigError::Tls(crate::TlsError::Rustls(e)));
+    let server_tls = tls
+        .server_config(vec![ALPN.to_vec()])
+        .map_err(crate::ConfigError::from)?;
+    let client_tls = tls
+        .client_config(vec![ALPN.to_vec()])
+        .map_err(crate::ConfigError::from)?;
+    let quic_server = QuicServerConfig::try_from(server_tls).map_err(|e| tls_err(e.to_string()))?;
+    let quic_client = QuicClientConfig::try_from(client_tls).map_err(|e| tls_err(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
+    server.transport_config(tconf.clone());
+    server.migration(false);
+    let mut client = quinn::ClientConfig::new(Arc::new(quic_client));
+    client.transport_config(tconf);
+    Ok((server, client))
+}
+
 impl QuicTransport {
     pub(crate) fn bind(
         addr: SocketAddr,
         tls: &TlsConfig,
         settings: TransportSettings,
     ) -> Result<Self, Error> {
-        let tconf = Arc::new(transport_config(&settings)?);
-        let server_tls = tls
-            .server_config(vec![ALPN.to_vec()])
-            .map_err(crate::ConfigError::from)?;
-        let client_tls = tls
-            .client_config(vec![ALPN.to_vec()])
-            .map_err(crate::ConfigError::from)?;
-        let tls_err = |e: rustls::Error| {
-            Error::Config(crate::ConfigError::Tls(crate::TlsError::Rustls(
-                e.to_string(),
-            )))
-        };
-        let quic_server = QuicServerConfig::try_from(server_tls)
-            .map_err(|e| tls_err(rustls::Error::General(e.to_string())))?;
-        let quic_client = QuicClientConfig::try_from(client_tls)
-            .map_err(|e| tls_err(rustls::Error::General(e.to_string())))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
-        server.transport_config(tconf.clone());
-        server.migration(false);
-        let mut client = quinn::ClientConfig::new(Arc::new(quic_client));
-        client.transport_config(tconf);
-
-        let mut endpoint = quinn::Endpoint::server(server, addr).map_err(|e| Error::Bind {
+        let (server, client) = quinn_configs(tls, &settings)?;
+        let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| Error::Bind {
             kind: "quic",
             addr,
             reason: e.to_string(),
         })?;
-        endpoint.set_default_client_config(client);
         let local_addr = endpoint.local_addr().map_err(|e| Error::Bind {
             kind: "quic",
             addr,
@@ -104,6 +107,7 @@ impl QuicTransport {
         ));
         Ok(Self {
             endpoint,
+            client: std::sync::RwLock::new(client),
             local_addr,
             server_name: tls.server_name().to_owned(),
             settings,
@@ -162,9 +166,14 @@ impl Transport for QuicTransport {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Box<dyn Connection>, TransportError> {
+        let client = self
+            .client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let connecting = self
             .endpoint
-            .connect(addr, &self.server_name)
+            .connect_with(client, addr, &self.server_name)
             .map_err(|e| TransportError::Connect(e.to_string()))?;
         let conn = tokio::time::timeout(self.settings.connect_timeout, connecting)
             .await
@@ -187,6 +196,13 @@ impl Transport for QuicTransport {
 
     fn handshake_failures(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    fn reload_tls(&self, tls: &TlsConfig) -> Result<(), Error> {
+        let (server, client) = quinn_configs(tls, &self.settings)?;
+        self.endpoint.set_server_config(Some(server));
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+        Ok(())
     }
 }
 

@@ -97,7 +97,9 @@ fn ws_config(max_frame: usize) -> WebSocketConfig {
 pub(crate) struct WsTransport {
     local_addr: SocketAddr,
     server_name: ServerName<'static>,
-    connector: TlsConnector,
+    /// Both replaced when the TLS material is reloaded.
+    connector: std::sync::RwLock<TlsConnector>,
+    acceptor: Arc<std::sync::RwLock<TlsAcceptor>>,
     settings: TransportSettings,
     accepted_rx: AsyncMutex<mpsc::Receiver<WsConn>>,
     counters: Arc<Counters>,
@@ -139,9 +141,12 @@ impl WsTransport {
         let (tx, rx) = mpsc::channel(MAX_PENDING_HANDSHAKES);
         let counters = Arc::new(Counters::default());
         let (closed, closed_rx) = watch::channel(false);
+        let acceptor = Arc::new(std::sync::RwLock::new(TlsAcceptor::from(Arc::new(
+            server_tls,
+        ))));
         let accept_task = tokio::spawn(accept_loop(
             listener,
-            TlsAcceptor::from(Arc::new(server_tls)),
+            acceptor.clone(),
             tx,
             settings.clone(),
             counters.clone(),
@@ -150,7 +155,8 @@ impl WsTransport {
         Ok(Self {
             local_addr,
             server_name,
-            connector: TlsConnector::from(Arc::new(client_tls)),
+            connector: std::sync::RwLock::new(TlsConnector::from(Arc::new(client_tls))),
+            acceptor,
             settings,
             accepted_rx: AsyncMutex::new(rx),
             counters,
@@ -169,7 +175,7 @@ impl Drop for WsTransport {
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Arc<std::sync::RwLock<TlsAcceptor>>,
     tx: mpsc::Sender<WsConn>,
     settings: TransportSettings,
     counters: Arc<Counters>,
@@ -189,12 +195,8 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (acceptor, settings, counters, closed) = (
-            acceptor.clone(),
-            settings.clone(),
-            counters.clone(),
-            closed.clone(),
-        );
+        let acceptor = acceptor.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let (settings, counters, closed) = (settings.clone(), counters.clone(), closed.clone());
         // Refused when full: dropping the TCP stream closes it.
         handshakes.start(remote, async move {
             let _ = tcp.set_nodelay(true);
@@ -226,8 +228,12 @@ impl Transport for WsTransport {
         let connect = async {
             let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
             let _ = tcp.set_nodelay(true);
-            let tls = self
+            let connector = self
                 .connector
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let tls = connector
                 .connect(self.server_name.clone(), tcp)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -269,6 +275,20 @@ impl Transport for WsTransport {
 
     fn handshake_failures(&self) -> u64 {
         self.counters.refused.load(Ordering::Relaxed)
+    }
+
+    fn reload_tls(&self, tls: &TlsConfig) -> Result<(), Error> {
+        let server = tls
+            .server_config(vec![ALPN.to_vec()])
+            .map_err(crate::ConfigError::from)?;
+        let client = tls
+            .client_config(vec![ALPN.to_vec()])
+            .map_err(crate::ConfigError::from)?;
+        *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
+            TlsAcceptor::from(Arc::new(server));
+        *self.connector.write().unwrap_or_else(|e| e.into_inner()) =
+            TlsConnector::from(Arc::new(client));
+        Ok(())
     }
 
     fn protocol_errors(&self) -> u64 {

@@ -130,6 +130,38 @@ async fn nothing_is_read_before_a_welcome(kind: TransportKind) -> anyhow::Result
     cluster_intact(&c, None).await
 }
 
+async fn rotated_certificates_are_picked_up_without_restart(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
+    let dir = crate::process::TempDir::new("rotate");
+    // The node starts with a certificate from a CA the cluster does not trust: refused.
+    let old_ca = DevCa::generate("retired CA")?;
+    let old = old_ca.issue("rotating")?;
+    std::fs::write(dir.0.join("ca.pem"), c.ca.cert_pem())?;
+    std::fs::write(dir.0.join("node.pem"), &old.cert_pem)?;
+    std::fs::write(dir.0.join("node.key"), &old.key_pem)?;
+    let before = c.nodes[0].mesh.stats().handshakes_refused;
+    let node = start_node(
+        MeshConfig::local(socketioxide_mesh::TlsConfig::from_dir(&dir.0)?)
+            .with_transport(kind)
+            .with_cluster_id("test-cluster")
+            .with_tls_reload(Some(std::time::Duration::from_millis(100)))
+            .with_seeds(StaticSeeds::new([c.seed().to_string()])),
+    )
+    .await?;
+    refused_at_least(&c.nodes[0], before + 1).await?;
+    assert!(node.mesh.members().is_empty());
+
+    // The files are replaced (as cert-manager or a secret update would): it joins, same process.
+    let new = c.ca.issue("rotating")?;
+    std::fs::write(dir.0.join("node.key"), &new.key_pem)?;
+    std::fs::write(dir.0.join("node.pem"), &new.cert_pem)?;
+    let mut members = node.mesh.watch_members();
+    tokio::time::timeout(WAIT, members.wait_for(|m| m.len() == 2)).await??;
+    Ok(())
+}
+
 /// The header frame of a command stream starting at sequence 0.
 pub fn commands_header() -> anyhow::Result<Vec<u8>> {
     #[derive(serde::Serialize)]
@@ -174,5 +206,6 @@ both_transports!(
     node_from_another_ca_never_joins,
     node_without_certificate_is_refused,
     node_of_another_cluster_is_refused_with_a_reason,
-    nothing_is_read_before_a_welcome
+    nothing_is_read_before_a_welcome,
+    rotated_certificates_are_picked_up_without_restart
 );
