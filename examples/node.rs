@@ -102,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("unknown parser {other:?}: use json or msgpack"),
     };
     let (http, _io) = app::serve(mesh.clone(), cli.http, msgpack).await?;
+    let shutdown = shutdown_signal();
     let ready = serde_json::json!({
         "event": "ready",
         "http": http.to_string(),
@@ -112,29 +113,28 @@ async fn main() -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     tracing::info!(%http, "serving Socket.IO; open http://{http}/ for the chat page");
 
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down");
     mesh.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when
+/// the future is first polled: call it before announcing readiness, or a signal sent right
+/// after would kill the process the default way.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
         }
+        let _ = ctrl_c.await;
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

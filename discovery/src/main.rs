@@ -99,31 +99,33 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind {listen}"))?;
     let addr = listener.local_addr()?;
+    let shutdown = shutdown_signal();
     println!(
         "{}",
         serde_json::json!({"event": "ready", "addr": addr.to_string(), "tls": tls.is_some()})
     );
     tracing::info!(%addr, tls = tls.is_some(), ttl_ms = cli.ttl_ms, "discovery service listening");
-    server::serve(listener, state, router, tls, shutdown_signal()).await?;
+    server::serve(listener, state, router, tls, shutdown).await?;
     tracing::info!("discovery service stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when
+/// the future is first polled: call it before announcing readiness, or a signal sent right
+/// after would kill the process the default way.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            let _ = ctrl_c.await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
+        if let Some(mut term) = term {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
             return;
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
         }
+        let _ = ctrl_c.await;
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
