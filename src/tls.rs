@@ -190,6 +190,17 @@ impl TlsConfig {
         self.client_config(alpn)
     }
 
+    /// The server and client configs of a transport speaking `alpn`.
+    pub(crate) fn transport_configs(
+        &self,
+        alpn: &[u8],
+    ) -> Result<(rustls::ServerConfig, rustls::ClientConfig), crate::ConfigError> {
+        Ok((
+            self.server_config(vec![alpn.to_vec()])?,
+            self.client_config(vec![alpn.to_vec()])?,
+        ))
+    }
+
     /// A TLS 1.3 server config that requires a client certificate from the cluster CA.
     pub(crate) fn server_config(
         &self,

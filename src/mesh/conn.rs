@@ -3,7 +3,6 @@
 
 use std::{
     net::SocketAddr,
-    str::FromStr,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -11,7 +10,6 @@ use std::{
 use bytes::Bytes;
 use chitchat::Deserializable;
 use futures_util::StreamExt;
-use socketioxide_core::Uid;
 use tokio::{
     sync::{Semaphore, mpsc},
     task::JoinSet,
@@ -351,9 +349,4 @@ async fn write_gossip(conn: Arc<dyn Connection>, mut rx: mpsc::Receiver<Bytes>) 
             return;
         }
     }
-}
-
-/// Parse a node id from its string form (gossip node ids).
-pub(super) fn parse_uid(s: &str) -> Option<Uid> {
-    Uid::from_str(s).ok()
 }

@@ -4,11 +4,13 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    str::FromStr,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use bytes::Bytes;
+use socketioxide_core::Uid;
 use tokio::{
     sync::mpsc,
     time::{Instant, sleep_until},
@@ -194,7 +196,7 @@ impl Driver {
         links
             .entry(node)
             .or_insert_with(|| {
-                let uid = conn::parse_uid(node.as_str()).unwrap_or_default();
+                let uid = Uid::from_str(node.as_str()).unwrap_or_default();
                 Link::spawn(
                     node,
                     uid,
@@ -322,7 +324,7 @@ impl Driver {
         // Forget departed nodes once gossip forgot them too (bounded memory).
         let listed: HashSet<NodeId> = live
             .keys()
-            .filter_map(|id| conn::parse_uid(&id.node_id).map(|u| *u))
+            .filter_map(|id| Uid::from_str(&id.node_id).ok().map(|u| *u))
             .collect();
         self.departed.retain(|n| listed.contains(n));
 

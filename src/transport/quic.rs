@@ -63,12 +63,7 @@ fn quinn_configs(
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig), Error> {
     let tconf = Arc::new(transport_config(settings)?);
     let tls_err = |e: String| Error::Config(crate::ConfigError::Tls(crate::TlsError::Rustls(e)));
-    let server_tls = tls
-        .server_config(vec![ALPN.to_vec()])
-        .map_err(crate::ConfigError::from)?;
-    let client_tls = tls
-        .client_config(vec![ALPN.to_vec()])
-        .map_err(crate::ConfigError::from)?;
+    let (server_tls, client_tls) = tls.transport_configs(ALPN)?;
     let quic_server = QuicServerConfig::try_from(server_tls).map_err(|e| tls_err(e.to_string()))?;
     let quic_client = QuicClientConfig::try_from(client_tls).map_err(|e| tls_err(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_server));

@@ -124,12 +124,7 @@ impl WsTransport {
             addr,
             reason: e.to_string(),
         };
-        let server_tls = tls
-            .server_config(vec![ALPN.to_vec()])
-            .map_err(crate::ConfigError::from)?;
-        let client_tls = tls
-            .client_config(vec![ALPN.to_vec()])
-            .map_err(crate::ConfigError::from)?;
+        let (server_tls, client_tls) = tls.transport_configs(ALPN)?;
         let server_name = ServerName::try_from(tls.server_name().to_owned()).map_err(|e| {
             Error::Config(crate::ConfigError::Tls(crate::TlsError::Rustls(format!(
                 "invalid server name {:?}: {e}",
@@ -278,12 +273,7 @@ impl Transport for WsTransport {
     }
 
     fn reload_tls(&self, tls: &TlsConfig) -> Result<(), Error> {
-        let server = tls
-            .server_config(vec![ALPN.to_vec()])
-            .map_err(crate::ConfigError::from)?;
-        let client = tls
-            .client_config(vec![ALPN.to_vec()])
-            .map_err(crate::ConfigError::from)?;
+        let (server, client) = tls.transport_configs(ALPN)?;
         *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
             TlsAcceptor::from(Arc::new(server));
         *self.connector.write().unwrap_or_else(|e| e.into_inner()) =

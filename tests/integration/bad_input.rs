@@ -14,15 +14,11 @@ async fn cluster(kind: TransportKind) -> anyhow::Result<Cluster> {
 
 /// The node still does its job: a client on it gets a broadcast from the other node, and a
 /// well-formed command from a fresh raw peer is applied.
-async fn still_serving(c: &Cluster, creds: &socketioxide_mesh::NodeCert) -> anyhow::Result<()> {
+async fn still_serving(c: &Cluster) -> anyhow::Result<()> {
     let mut client = c.nodes[0].client(&["/"]).await?;
     c.nodes[1].io.emit("from-peer", &()).await.sio()?;
     client.event("/", "from-peer").await?;
-    let peer = RawPeer::new(
-        c.kind,
-        c.ca.cert_pem(),
-        Some((&creds.cert_pem, &creds.key_pem)),
-    )?;
+    let peer = c.raw_peer("fresh")?;
     let conn = peer.join(c.seed(), "test-cluster").await?;
     conn.uni(&[commands_header()?, broadcast_all("from-raw")?])
         .await?;
@@ -37,12 +33,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<RawConn>>,
 {
     let c = cluster(kind).await?;
-    let creds = c.ca.issue("raw")?;
-    let peer = RawPeer::new(
-        kind,
-        c.ca.cert_pem(),
-        Some((&creds.cert_pem, &creds.key_pem)),
-    )?;
+    let peer = c.raw_peer("raw")?;
     let conn = peer.join(c.seed(), "test-cluster").await?;
     let errors_before = c.nodes[0].mesh.stats().protocol_errors;
     let conn = act(conn).await?;
@@ -52,7 +43,7 @@ where
         errors_before + 1,
         "{reason}"
     );
-    still_serving(&c, &creds).await?;
+    still_serving(&c).await?;
     Ok((code, reason))
 }
 
@@ -131,12 +122,7 @@ async fn unknown_protocol_version_is_refused_with_a_reason(
     kind: TransportKind,
 ) -> anyhow::Result<()> {
     let c = cluster(kind).await?;
-    let creds = c.ca.issue("future")?;
-    let peer = RawPeer::new(
-        kind,
-        c.ca.cert_pem(),
-        Some((&creds.cert_pem, &creds.key_pem)),
-    )?;
+    let peer = c.raw_peer("future")?;
     let hello = hello_payload(
         99,
         &Hello {
@@ -162,7 +148,7 @@ async fn unknown_protocol_version_is_refused_with_a_reason(
         HelloReply::Welcome(_) => panic!("garbage welcomed"),
     }
     assert_eq!(conn.closed().await.0, CLOSE_REFUSED);
-    still_serving(&c, &creds).await
+    still_serving(&c).await
 }
 
 both_transports!(

@@ -11,7 +11,9 @@ use socketioxide::{
     extract::{AckSender, Data, SocketRef},
     handler::ConnectHandler,
 };
-use socketioxide_mesh::{DevCa, Mesh, MeshAdapter, MeshConfig, StaticSeeds, TransportKind};
+use socketioxide_mesh::{
+    DevCa, Mesh, MeshAdapter, MeshConfig, StaticSeeds, TlsConfig, TransportKind,
+};
 
 pub use crate::client::{Client, WAIT};
 
@@ -87,7 +89,12 @@ impl<T, E: std::fmt::Display> Sio<T> for Result<T, E> {
 }
 
 pub fn config(kind: TransportKind, ca: &DevCa, name: &str, seeds: &[SocketAddr]) -> MeshConfig {
-    MeshConfig::local(ca.node_tls(name).expect("node certificate"))
+    config_tls(kind, ca.node_tls(name).expect("node certificate"), seeds)
+}
+
+/// A test node's configuration with the given TLS material.
+pub fn config_tls(kind: TransportKind, tls: TlsConfig, seeds: &[SocketAddr]) -> MeshConfig {
+    MeshConfig::local(tls)
         .with_transport(kind)
         .with_cluster_id("test-cluster")
         .with_seeds(StaticSeeds::new(seeds.iter().map(|s| s.to_string())))
@@ -176,5 +183,11 @@ impl Cluster {
 
     pub fn seed(&self) -> SocketAddr {
         self.nodes[0].mesh.advertise_addr()
+    }
+
+    /// The configuration of a node that tries to join this cluster with `tls` (seeded from
+    /// node 0, same transport and cluster id: tweak them to test refusals).
+    pub fn outsider(&self, tls: TlsConfig) -> MeshConfig {
+        config_tls(self.kind, tls, &[self.seed()])
     }
 }

@@ -12,32 +12,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 async fn killed_node_ends_inflight_requests_early(kind: TransportKind) -> anyhow::Result<()> {
     let c = Cluster::start_with(kind, 2, |cfg| cfg.with_request_timeout(REQUEST_TIMEOUT)).await?;
     let certs = TempDir::new("death");
-    c.ca.write_dir(&certs.0, "victim")?;
-    let victim = ProcNode::spawn(
-        kind,
-        &certs.0,
-        &[c.seed()],
-        &[
-            ("MESH_CLUSTER_ID", "test-cluster"),
-            ("MESH_GOSSIP_INTERVAL_MS", "50"),
-            ("MESH_REQUEST_TIMEOUT_MS", "30000"),
-        ],
-    )
-    .await?;
-    for node in &c.nodes {
-        let mut members = node.mesh.watch_members();
-        tokio::time::timeout(
-            WAIT,
-            members.wait_for(|m| m.len() == 2 && m.iter().all(|m| m.serves("/"))),
+    let victim = c
+        .join_process(
+            &certs,
+            &[
+                ("MESH_GOSSIP_INTERVAL_MS", "50"),
+                ("MESH_REQUEST_TIMEOUT_MS", "30000"),
+            ],
         )
-        .await??;
-        let listed = node
-            .mesh
-            .members()
-            .iter()
-            .any(|m| m.node_id.to_string() == victim.node_id && m.addr == victim.mesh);
-        assert!(listed, "the victim process is a member");
-    }
+        .await?;
     let survivor = c.nodes[1].client(&["/"]).await?;
     let _doomed = Client::connect(victim.http, &["/"]).await?;
     assert_eq!(c.nodes[0].io.fetch_sockets().await.sio()?.len(), 2);
@@ -109,22 +92,7 @@ async fn slow_peer_is_cut_off_without_stalling_the_others(
     })
     .await?;
     let certs = TempDir::new("slow");
-    c.ca.write_dir(&certs.0, "slow")?;
-    let slow = ProcNode::spawn(
-        kind,
-        &certs.0,
-        &[c.seed()],
-        &[("MESH_CLUSTER_ID", "test-cluster")],
-    )
-    .await?;
-    for node in &c.nodes {
-        let mut members = node.mesh.watch_members();
-        tokio::time::timeout(
-            WAIT,
-            members.wait_for(|m| m.len() == 2 && m.iter().all(|m| m.serves("/"))),
-        )
-        .await??;
-    }
+    let slow = c.join_process(&certs, &[]).await?;
     let mut healthy = c.nodes[1].client(&["/"]).await?;
     slow.signal("STOP").await?;
 
@@ -157,26 +125,14 @@ async fn killed_node_restarted_in_place_rejoins(kind: TransportKind) -> anyhow::
         ("MESH_CLUSTER_ID", "restart"),
         ("MESH_GOSSIP_INTERVAL_MS", "50"),
     ];
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let dir = certs.0.join(format!("n{i}"));
-        ca.write_dir(&dir, &format!("n{i}"))?;
-        let seeds: Vec<_> = nodes
-            .first()
-            .map(|n: &ProcNode| vec![n.mesh])
-            .unwrap_or_default();
-        nodes.push(ProcNode::spawn(kind, &dir, &seeds, &env).await?);
-    }
-    for n in &nodes {
-        members(n, 2).await?;
-    }
+    let mut nodes = spawn_cluster(kind, &ca, &certs.0, 3, &env).await?;
     // Kill n2 and restart it at once on the same addresses, before the others notice: the old
     // incarnation must go away, the new one must join, under the same address.
     let mut old = nodes.pop().expect("3 nodes");
     old.child.kill().await?;
     let (http, mesh) = (old.http.to_string(), old.mesh.to_string());
     let seeds = [nodes[0].mesh];
-    let new = ProcNode::spawn_at(kind, &certs.0.join("n2"), &seeds, &env, &http, &mesh).await?;
+    let new = ProcNode::spawn_at(kind, &certs.0.join("node-2"), &seeds, &env, &http, &mesh).await?;
     assert_ne!(new.node_id, old.node_id, "a restarted node is a new member");
     nodes.push(new);
     for n in &nodes {

@@ -19,24 +19,13 @@ async fn run_interop(kind: TransportKind, parser: &str) -> anyhow::Result<()> {
     let ca = socketioxide_mesh::DevCa::generate("js CA")?;
     let certs = TempDir::new("js");
     let env = [("MESH_CLUSTER_ID", "js"), ("SIO_PARSER", parser)];
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let dir = certs.0.join(format!("node-{i}"));
-        ca.write_dir(&dir, &format!("node-{i}"))?;
-        let seeds: Vec<_> = nodes
-            .first()
-            .map(|n: &ProcNode| vec![n.mesh])
-            .unwrap_or_default();
-        nodes.push(ProcNode::spawn(kind, &dir, &seeds, &env).await?);
-    }
+    let nodes = spawn_cluster(kind, &ca, &certs.0, 3, &env).await?;
     let mut cmd = tokio::process::Command::new("node");
     cmd.current_dir(&js).arg("interop.mjs");
     if parser == "msgpack" {
         cmd.arg("--msgpack");
     }
-    // The script connects once every node lists the two others: ask them.
     for node in &nodes {
-        wait_members(node, 2).await?;
         cmd.arg(format!("http://{}", node.http));
     }
     let out = tokio::time::timeout(WAIT * 3, cmd.output())
@@ -55,27 +44,6 @@ async fn run_interop(kind: TransportKind, parser: &str) -> anyhow::Result<()> {
         "{stdout}"
     );
     Ok(())
-}
-
-/// Ask a node process for its members until it lists `n` of them (its `/mesh` endpoint).
-async fn wait_members(node: &ProcNode, n: usize) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let body = http_get(node.http, "/mesh").await.unwrap_or_default();
-        let members = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["members"].as_array().map(Vec::len))
-            .unwrap_or(0);
-        if members >= n {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "node {} sees {members} members",
-            node.http
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
 }
 
 /// A minimal HTTP/1.1 GET (no client library needed for one JSON endpoint).

@@ -1,7 +1,7 @@
 //! A `quic` node and a `ws` node cannot form one cluster: they do not even reach each other
 //! (UDP vs TCP), and a peer announcing the other transport is refused at the handshake.
 
-use socketioxide_mesh::{MeshConfig, StaticSeeds, TransportKind};
+use socketioxide_mesh::TransportKind;
 
 use crate::{common::*, raw::*};
 
@@ -9,10 +9,8 @@ use crate::{common::*, raw::*};
 async fn ws_node_cannot_join_a_quic_cluster() -> anyhow::Result<()> {
     let c = Cluster::start(TransportKind::Quic, 2).await?;
     let ws = start_node(
-        MeshConfig::local(c.ca.node_tls("ws")?)
-            .with_transport(TransportKind::Ws)
-            .with_cluster_id("test-cluster")
-            .with_seeds(StaticSeeds::new([c.seed().to_string()])),
+        c.outsider(c.ca.node_tls("ws")?)
+            .with_transport(TransportKind::Ws),
     )
     .await?;
     // Let it try a few times (seed rounds and backoff): every attempt fails.
@@ -32,12 +30,7 @@ async fn ws_node_cannot_join_a_quic_cluster() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_announcing_another_transport_is_refused() -> anyhow::Result<()> {
     let c = Cluster::start(TransportKind::Ws, 2).await?;
-    let creds = c.ca.issue("quic-peer")?;
-    let peer = RawPeer::new(
-        TransportKind::Ws,
-        c.ca.cert_pem(),
-        Some((&creds.cert_pem, &creds.key_pem)),
-    )?;
+    let peer = c.raw_peer("quic-peer")?;
     let hello = hello_payload(
         VERSION,
         &Hello {

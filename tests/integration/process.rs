@@ -206,3 +206,59 @@ pub async fn chat_reaches_everyone(nodes: &[&ProcNode], tag: &str) -> anyhow::Re
     }
     Ok(())
 }
+
+/// `n` node processes, each with its own certificate from `ca` (folders under `certs`), seeded
+/// from the first one; returns once every one lists all the others.
+pub async fn spawn_cluster(
+    kind: socketioxide_mesh::TransportKind,
+    ca: &socketioxide_mesh::DevCa,
+    certs: &Path,
+    n: usize,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Vec<ProcNode>> {
+    let mut nodes: Vec<ProcNode> = Vec::new();
+    for i in 0..n {
+        let dir = certs.join(format!("node-{i}"));
+        ca.write_dir(&dir, &format!("node-{i}"))?;
+        let seeds: Vec<SocketAddr> = nodes
+            .first()
+            .map(|first| vec![first.mesh])
+            .unwrap_or_default();
+        nodes.push(ProcNode::spawn(kind, &dir, &seeds, env).await?);
+    }
+    for node in &nodes {
+        members(node, n - 1).await?;
+    }
+    Ok(nodes)
+}
+
+impl crate::common::Cluster {
+    /// A node process joining this cluster (its certificate from the cluster's CA, seeded from
+    /// node 0); returns once every in-process node lists it, serving "/", at its address.
+    pub async fn join_process(
+        &self,
+        certs: &TempDir,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<ProcNode> {
+        self.ca.write_dir(&certs.0, "process")?;
+        let mut env = env.to_vec();
+        env.push(("MESH_CLUSTER_ID", "test-cluster"));
+        let node = ProcNode::spawn(self.kind, &certs.0, &[self.seed()], &env).await?;
+        let want = self.nodes.len();
+        for peer in &self.nodes {
+            let mut members = peer.mesh.watch_members();
+            tokio::time::timeout(
+                WAIT,
+                members.wait_for(|m| {
+                    m.len() == want
+                        && m.iter().all(|m| m.serves("/"))
+                        && m.iter()
+                            .any(|m| m.node_id.to_string() == node.node_id && m.addr == node.mesh)
+                }),
+            )
+            .await
+            .context("the process never became a member")??;
+        }
+        Ok(node)
+    }
+}

@@ -402,3 +402,15 @@ impl WsRaw {
         (id, rx)
     }
 }
+
+impl crate::common::Cluster {
+    /// A raw peer of this cluster's transport with a valid certificate from its CA.
+    pub fn raw_peer(&self, name: &str) -> anyhow::Result<RawPeer> {
+        let creds = self.ca.issue(name)?;
+        RawPeer::new(
+            self.kind,
+            self.ca.cert_pem(),
+            Some((&creds.cert_pem, &creds.key_pem)),
+        )
+    }
+}

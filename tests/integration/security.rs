@@ -2,7 +2,7 @@
 //! anything else cannot deliver a single frame or gossip message.
 
 use serde_json::json;
-use socketioxide_mesh::{DevCa, MeshConfig, StaticSeeds, TransportKind};
+use socketioxide_mesh::{DevCa, TransportKind};
 
 use crate::{common::*, raw::*};
 
@@ -53,13 +53,7 @@ async fn node_from_another_ca_never_joins(kind: TransportKind) -> anyhow::Result
         node.key_pem.as_bytes(),
     )?;
     let before = c.nodes[0].mesh.stats().handshakes_refused;
-    let rogue = start_node(
-        MeshConfig::local(tls)
-            .with_transport(kind)
-            .with_cluster_id("test-cluster")
-            .with_seeds(StaticSeeds::new([c.seed().to_string()])),
-    )
-    .await?;
+    let rogue = start_node(c.outsider(tls)).await?;
     // It tries again and again (seeds, backoff): let it.
     refused_at_least(&c.nodes[0], before + 3).await?;
     cluster_intact(&c, Some(&rogue)).await
@@ -82,12 +76,7 @@ async fn node_of_another_cluster_is_refused_with_a_reason(
 ) -> anyhow::Result<()> {
     let c = Cluster::start(kind, 2).await?;
     // A raw peer with a valid certificate but another cluster id: refused, with the reason.
-    let creds = c.ca.issue("stranger")?;
-    let peer = RawPeer::new(
-        kind,
-        c.ca.cert_pem(),
-        Some((&creds.cert_pem, &creds.key_pem)),
-    )?;
+    let peer = c.raw_peer("stranger")?;
     let (conn, reply) = peer
         .handshake(c.seed(), &peer.good_hello("other-cluster"))
         .await?;
@@ -100,10 +89,8 @@ async fn node_of_another_cluster_is_refused_with_a_reason(
     // A real node of another cluster (same CA) seeded to us: never a member.
     let before = c.nodes[0].mesh.stats().handshakes_refused;
     let other = start_node(
-        MeshConfig::local(c.ca.node_tls("other")?)
-            .with_transport(kind)
-            .with_cluster_id("other-cluster")
-            .with_seeds(StaticSeeds::new([c.seed().to_string()])),
+        c.outsider(c.ca.node_tls("other")?)
+            .with_cluster_id("other-cluster"),
     )
     .await?;
     refused_at_least(&c.nodes[0], before + 2).await?;
@@ -112,12 +99,7 @@ async fn node_of_another_cluster_is_refused_with_a_reason(
 
 async fn nothing_is_read_before_a_welcome(kind: TransportKind) -> anyhow::Result<()> {
     let c = Cluster::start(kind, 2).await?;
-    let creds = c.ca.issue("stranger")?;
-    let peer = RawPeer::new(
-        kind,
-        c.ca.cert_pem(),
-        Some((&creds.cert_pem, &creds.key_pem)),
-    )?;
+    let peer = c.raw_peer("stranger")?;
     let conn = peer.connect(c.seed()).await?;
     // A command stream carrying a broadcast to every socket of "/", sent before any hello...
     conn.uni(&[commands_header()?, broadcast_all("evil")?])
@@ -143,11 +125,8 @@ async fn rotated_certificates_are_picked_up_without_restart(
     std::fs::write(dir.0.join("node.key"), &old.key_pem)?;
     let before = c.nodes[0].mesh.stats().handshakes_refused;
     let node = start_node(
-        MeshConfig::local(socketioxide_mesh::TlsConfig::from_dir(&dir.0)?)
-            .with_transport(kind)
-            .with_cluster_id("test-cluster")
-            .with_tls_reload(Some(std::time::Duration::from_millis(100)))
-            .with_seeds(StaticSeeds::new([c.seed().to_string()])),
+        c.outsider(socketioxide_mesh::TlsConfig::from_dir(&dir.0)?)
+            .with_tls_reload(Some(std::time::Duration::from_millis(100))),
     )
     .await?;
     refused_at_least(&c.nodes[0], before + 1).await?;
