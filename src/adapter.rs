@@ -73,12 +73,13 @@ impl<E: SocketEmitter> MeshAdapter<E> {
 
     fn send(&self, cmd: &CommandRef<'_>, opts: &BroadcastOptions) -> Result<(), Error> {
         let shared = &self.mesh.shared;
-        let links = shared.ns_links(self.ns(), opts.server_id);
+        let routes = shared.routes.load();
+        let links = routes.targets(opts.server_id);
         if links.is_empty() {
             return Ok(());
         }
         let frame = shared.encode_frame(cmd)?;
-        shared.send_command(&links, frame, opts.has_flag(BroadcastFlags::Volatile));
+        shared.send_command(links, frame, opts.has_flag(BroadcastFlags::Volatile));
         Ok(())
     }
 
@@ -90,7 +91,7 @@ impl<E: SocketEmitter> MeshAdapter<E> {
         timeout: Duration,
     ) -> Result<Outgoing, Error> {
         let shared = &self.mesh.shared;
-        let links = shared.ns_links(self.ns(), opts.server_id);
+        let links = shared.routes.load().targets(opts.server_id).to_vec();
         shared.request(&links, query, mode, timeout).await
     }
 }

@@ -97,6 +97,8 @@ pub struct MeshConfig {
     pub(crate) max_frame_size: usize,
     pub(crate) peer_queue_len: usize,
     pub(crate) peer_queue_bytes: usize,
+    pub(crate) slow_peer_timeout: Duration,
+    pub(crate) batch_delay: Duration,
     pub(crate) max_concurrent_streams: u32,
     pub(crate) max_in_flight_requests: usize,
     pub(crate) keep_alive_interval: Duration,
@@ -143,8 +145,10 @@ impl MeshConfig {
             dead_node_grace_period: Duration::from_secs(300),
             request_timeout: Duration::from_secs(5),
             max_frame_size: 16 * 1024 * 1024,
-            peer_queue_len: 8192,
+            peer_queue_len: 1 << 18,
             peer_queue_bytes: 64 * 1024 * 1024,
+            slow_peer_timeout: Duration::from_secs(10),
+            batch_delay: Duration::from_millis(1),
             max_concurrent_streams: 1024,
             max_in_flight_requests: 4096,
             keep_alive_interval: Duration::from_millis(500),
@@ -184,8 +188,10 @@ impl MeshConfig {
     /// | `MESH_PHI_THRESHOLD` | failure detector threshold | 8 |
     /// | `MESH_REQUEST_TIMEOUT_MS` | bound on every request | 5000 |
     /// | `MESH_MAX_FRAME_SIZE` | bytes | 16777216 |
-    /// | `MESH_PEER_QUEUE_LEN` | queued commands per peer | 8192 |
+    /// | `MESH_PEER_QUEUE_LEN` | queued commands per peer | 262144 |
     /// | `MESH_PEER_QUEUE_BYTES` | queued bytes per peer | 67108864 |
+    /// | `MESH_SLOW_PEER_TIMEOUT_MS` | a peer accepting nothing this long is cut off | 10000 |
+    /// | `MESH_BATCH_DELAY_US` | on a busy link, how long a command may wait to share a write | 1000 |
     /// | `MESH_MAX_IN_FLIGHT` | concurrent outgoing requests | 4096 |
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
@@ -310,6 +316,12 @@ impl MeshConfig {
         if let Some(v) = get("MESH_PEER_QUEUE_BYTES") {
             cfg.peer_queue_bytes = parse("MESH_PEER_QUEUE_BYTES", v)?;
         }
+        if let Some(d) = ms("MESH_SLOW_PEER_TIMEOUT_MS")? {
+            cfg.slow_peer_timeout = d;
+        }
+        if let Some(v) = get("MESH_BATCH_DELAY_US") {
+            cfg.batch_delay = Duration::from_micros(parse("MESH_BATCH_DELAY_US", v)?);
+        }
         if let Some(v) = get("MESH_MAX_IN_FLIGHT") {
             cfg.max_in_flight_requests = parse("MESH_MAX_IN_FLIGHT", v)?;
         }
@@ -400,12 +412,34 @@ impl MeshConfig {
         self
     }
 
-    /// The bound of each peer's outgoing command queue, in commands and in bytes. A peer that
-    /// lets its queue fill is cut off (and reconnects); volatile broadcasts are dropped first.
-    /// Default: 8192 commands, 64 MiB.
+    /// The bound of each peer's outgoing command queue, in commands and in bytes. A command
+    /// that finds the queue full cuts the peer off (it reconnects; the queue is dropped and
+    /// counted in `commands_lost`). Volatile broadcasts are dropped earlier, once a quarter
+    /// of the bytes is queued. The bound is a memory cap, not a pace: a burst on a busy
+    /// machine should fit. Default: 262144 commands, 64 MiB (at least `max_frame_size`).
     pub fn with_peer_queue(mut self, len: usize, bytes: usize) -> Self {
         self.peer_queue_len = len;
         self.peer_queue_bytes = bytes;
+        self
+    }
+
+    /// A peer that accepts no command for this long while commands wait for it is cut off
+    /// (it reconnects): the write deadline of a stalled or frozen peer. It must exceed the
+    /// time a healthy peer needs to take one batch (up to 1 MiB, or one larger command).
+    /// Default: 10 s.
+    pub fn with_slow_peer_timeout(mut self, timeout: Duration) -> Self {
+        self.slow_peer_timeout = timeout;
+        self
+    }
+
+    /// On a busy link, how long a command may wait to share one write (one system call, one
+    /// packet train) with the commands that follow it. A link writes at most once per this
+    /// delay while it is busy; a command that finds the link quiet for longer leaves at once.
+    /// This is the main lever on the mesh's CPU cost under load (fewer writes, wake-ups and
+    /// packets per command), at the price of at most this much added latency. Zero writes
+    /// as soon as the writer runs. Default: 1 ms.
+    pub fn with_batch_delay(mut self, delay: Duration) -> Self {
+        self.batch_delay = delay;
         self
     }
 
@@ -511,6 +545,12 @@ impl MeshConfig {
             s(60),
         )?;
         range("idle_timeout", self.idle_timeout, ms(100), s(600))?;
+        range(
+            "slow_peer_timeout",
+            self.slow_peer_timeout,
+            ms(100),
+            s(3600),
+        )?;
         range("connect_timeout", self.connect_timeout, ms(10), s(600))?;
         range("reconnect_min", self.reconnect_min, ms(1), s(60))?;
         range(

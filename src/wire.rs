@@ -348,6 +348,11 @@ pub(crate) fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, PeerError> 
     rmp_serde::from_slice(frame).map_err(|e| PeerError::Malformed(e.to_string()))
 }
 
+/// Decode a command frame from a peer.
+pub(crate) fn decode_command(frame: &Bytes) -> Result<Command, PeerError> {
+    decode(frame)
+}
+
 fn hello_frame<T: Serialize>(msg: &T) -> Result<Bytes, crate::Error> {
     let body = rmp_serde::to_vec(msg).map_err(|e| crate::Error::Encode(e.to_string()))?;
     let mut out = BytesMut::with_capacity(6 + body.len());

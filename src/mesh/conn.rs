@@ -19,12 +19,14 @@ use tracing::{debug, warn};
 use super::Shared;
 use crate::{
     error::PeerError,
-    transport::{CloseCode, Connection, FrameRecv, FrameSend, TransportError},
+    transport::{CloseCode, Conn, RecvStream, SendStream, TransportError},
     wire::{self, Hello, HelloReply, Query, QueryHeader, UniHeader},
 };
 
 /// Gossip frames queued per connection; dropped beyond, like UDP datagrams.
 pub(super) const GOSSIP_QUEUE: usize = 64;
+/// Commands applied before the reader publishes its progress and yields, at most.
+const MAX_APPLY_BATCH: u64 = 1024;
 
 /// Why a stream ended badly.
 enum StreamError {
@@ -67,17 +69,12 @@ fn transport_peer_error(e: TransportError) -> PeerError {
 
 /// Dial `addr` and run the handshake. The peer counts as connected only once its Welcome is
 /// read: with TLS 1.3 a refused client certificate shows only at the first read.
-pub(super) async fn dial(
-    shared: &Shared,
-    addr: SocketAddr,
-) -> Result<(Arc<dyn Connection>, Hello), PeerError> {
-    let conn: Arc<dyn Connection> = Arc::from(
-        shared
-            .transport
-            .connect(addr)
-            .await
-            .map_err(transport_peer_error)?,
-    );
+pub(super) async fn dial(shared: &Shared, addr: SocketAddr) -> Result<(Conn, Hello), PeerError> {
+    let conn = shared
+        .transport
+        .connect(addr)
+        .await
+        .map_err(transport_peer_error)?;
     let timeout = shared.settings.connect_timeout;
     let res = tokio::time::timeout(timeout, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(transport_peer_error)?;
@@ -110,10 +107,7 @@ pub(super) async fn dial(
 }
 
 /// Run the acceptor's side of the handshake on a new connection.
-pub(super) async fn accept(
-    shared: &Shared,
-    conn: &Arc<dyn Connection>,
-) -> Result<Hello, PeerError> {
+pub(super) async fn accept(shared: &Shared, conn: &Conn) -> Result<Hello, PeerError> {
     let timeout = shared.settings.connect_timeout;
     let res = tokio::time::timeout(timeout, async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(transport_peer_error)?;
@@ -155,7 +149,7 @@ pub(super) async fn accept(
 /// Serve an established connection until it closes. Returns why it closed.
 pub(super) async fn serve(
     shared: Arc<Shared>,
-    conn: Arc<dyn Connection>,
+    conn: Conn,
     peer: Hello,
     gossip_rx: mpsc::Receiver<Bytes>,
 ) -> TransportError {
@@ -207,19 +201,14 @@ pub(super) async fn serve(
 }
 
 /// Report a protocol violation: log, count, cut the peer off.
-fn protocol_violation(shared: &Shared, conn: &Arc<dyn Connection>, peer: &Hello, err: &PeerError) {
+fn protocol_violation(shared: &Shared, conn: &Conn, peer: &Hello, err: &PeerError) {
     shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
     warn!(peer = %peer.node_id, remote = %conn.remote_addr(), error = %err,
         "peer broke the protocol: closing its connection");
     conn.close(CloseCode::Protocol, &err.to_string());
 }
 
-async fn read_uni(
-    shared: Arc<Shared>,
-    conn: Arc<dyn Connection>,
-    peer: Hello,
-    mut recv: Box<dyn FrameRecv>,
-) {
+async fn read_uni(shared: Arc<Shared>, conn: Conn, peer: Hello, mut recv: RecvStream) {
     let res = read_uni_inner(&shared, &peer, &mut recv).await;
     match res {
         Ok(()) => {}
@@ -231,7 +220,7 @@ async fn read_uni(
 async fn read_uni_inner(
     shared: &Arc<Shared>,
     peer: &Hello,
-    recv: &mut Box<dyn FrameRecv>,
+    recv: &mut RecvStream,
 ) -> Result<(), StreamError> {
     let Some(header) = recv.recv().await? else {
         return Ok(());
@@ -246,10 +235,22 @@ async fn read_uni_inner(
                 *n = (*n).max(start_seq);
                 moved
             });
+            // Apply everything that arrived together, then publish the progress once: one
+            // wake-up of waiting queries per batch, not per command.
             while let Some(frame) = recv.recv().await? {
-                let cmd = wire::decode(&frame)?;
-                shared.apply(peer.node_id, cmd);
-                applied.send_modify(|n| *n += 1);
+                shared.apply(peer.node_id, wire::decode_command(&frame)?);
+                let mut n = 1u64;
+                while n < MAX_APPLY_BATCH
+                    && let Some(frame) = recv.try_recv()?
+                {
+                    shared.apply(peer.node_id, wire::decode_command(&frame)?);
+                    n += 1;
+                }
+                shared
+                    .stats
+                    .commands_received
+                    .fetch_add(n, Ordering::Relaxed);
+                applied.send_modify(|c| *c += n);
             }
             Ok(())
         }
@@ -272,10 +273,10 @@ async fn read_uni_inner(
 
 async fn answer_query(
     shared: Arc<Shared>,
-    conn: Arc<dyn Connection>,
+    conn: Conn,
     peer: Hello,
-    mut send: Box<dyn FrameSend>,
-    mut recv: Box<dyn FrameRecv>,
+    mut send: SendStream,
+    mut recv: RecvStream,
 ) {
     let res = answer_query_inner(&shared, &peer, &mut send, &mut recv).await;
     match res {
@@ -295,8 +296,8 @@ async fn answer_query(
 async fn answer_query_inner(
     shared: &Arc<Shared>,
     peer: &Hello,
-    send: &mut Box<dyn FrameSend>,
-    recv: &mut Box<dyn FrameRecv>,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
 ) -> Result<(), StreamError> {
     let missing = || PeerError::Malformed("query stream ended early".into());
     let header: QueryHeader = wire::decode(&recv.recv().await?.ok_or_else(missing)?)?;
@@ -322,8 +323,8 @@ async fn answer_query_inner(
 }
 
 /// Writes gossip frames on one unidirectional stream, opened at the first message.
-async fn write_gossip(conn: Arc<dyn Connection>, mut rx: mpsc::Receiver<Bytes>) {
-    let mut stream: Option<Box<dyn FrameSend>> = None;
+async fn write_gossip(conn: Conn, mut rx: mpsc::Receiver<Bytes>) {
+    let mut stream: Option<SendStream> = None;
     while let Some(frame) = rx.recv().await {
         if stream.is_none() {
             let opened = async {

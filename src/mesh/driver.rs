@@ -17,12 +17,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::{Shared, conn, link::Link};
+use super::{Routes, Shared, conn, link::Link};
 use crate::{
     MeshConfig,
     membership::{Member, keys, parse_members},
     peers::{Action, Backoff, ConnId, NodeId, PeerTable},
-    transport::{CloseCode, Connection, TransportError},
+    transport::{CloseCode, Conn, TransportError},
     wire::Hello,
 };
 
@@ -33,7 +33,7 @@ const LOAD_INTERVAL: Duration = Duration::from_secs(5);
 
 enum Event {
     Connected {
-        conn: Arc<dyn Connection>,
+        conn: Conn,
         peer: Hello,
         /// The address we dialed, when we dialed.
         dialed: Option<SocketAddr>,
@@ -49,7 +49,7 @@ enum Event {
 }
 
 struct ConnEntry {
-    conn: Arc<dyn Connection>,
+    conn: Conn,
     node: NodeId,
     addr: SocketAddr,
     gossip_tx: mpsc::Sender<Bytes>,
@@ -63,6 +63,8 @@ struct Driver {
     gossip_routes: HashMap<SocketAddr, ConnId>,
     /// Nodes that said goodbye: ignored even if gossip still lists them for a moment.
     departed: HashSet<NodeId>,
+    /// The live members, as last published.
+    members: Vec<Member>,
     events_tx: mpsc::Sender<Event>,
 }
 
@@ -89,6 +91,7 @@ pub(super) async fn spawn(
         conns: HashMap::new(),
         gossip_routes: HashMap::new(),
         departed: HashSet::new(),
+        members: Vec::new(),
         events_tx: events_tx.clone(),
     };
     shared.tasks.spawn(accept_loop(shared.clone(), events_tx));
@@ -154,6 +157,7 @@ impl Driver {
 
     fn run_actions(&mut self) {
         let now = std::time::Instant::now();
+        let mut forgot = false;
         while let Some(action) = self.table.poll_action(now) {
             match action {
                 Action::Dial(addr) => self.dial(addr),
@@ -179,6 +183,7 @@ impl Driver {
                         .remove(&node);
                     if let Some(link) = link {
                         link.set_gone();
+                        forgot = true;
                         info!(peer = %link.node_uid, "peer left the mesh");
                     }
                     self.shared
@@ -189,6 +194,24 @@ impl Driver {
                 }
             }
         }
+        if forgot {
+            self.publish_routes();
+        }
+    }
+
+    /// Publish where commands and requests go: the links of the live members.
+    fn publish_routes(&self) {
+        let links = self.shared.links();
+        let routes = self
+            .members
+            .iter()
+            .filter_map(|m| {
+                let link = links.get(&*m.node_id)?;
+                (!link.state.borrow().gone).then(|| (link.clone(), m.server_id))
+            })
+            .collect();
+        drop(links);
+        self.shared.routes.store(Arc::new(Routes::new(routes)));
     }
 
     fn ensure_link(&self, node: NodeId) -> Arc<Link> {
@@ -200,8 +223,7 @@ impl Driver {
                 Link::spawn(
                     node,
                     uid,
-                    self.shared.settings.peer_queue_len,
-                    self.shared.settings.peer_queue_bytes,
+                    self.shared.settings.link_limits,
                     self.shared.stats.clone(),
                     &self.shared.tasks,
                     self.shared.cancel.clone(),
@@ -332,11 +354,12 @@ impl Driver {
             members.iter().map(|m| (*m.node_id, m.addr)).collect();
         self.table.set_live(&pairs);
         for m in &members {
-            let link = self.ensure_link(*m.node_id);
-            *link.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
+            self.ensure_link(*m.node_id);
         }
+        self.members = members.clone();
         // Apply deaths before publishing, so watchers see links and members agree.
         self.run_actions();
+        self.publish_routes();
         let before = self.shared.members_tx.borrow().len();
         if before != members.len() {
             info!(members = members.len() + 1, "mesh membership changed");
@@ -379,8 +402,8 @@ async fn accept_loop(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
             _ = shared.cancel.cancelled() => return,
             conn = shared.transport.accept() => conn,
         };
-        let conn: Arc<dyn Connection> = match conn {
-            Ok(c) => Arc::from(c),
+        let conn = match conn {
+            Ok(c) => c,
             Err(TransportError::EndpointClosed) => return,
             Err(e) => {
                 debug!(error = %e, "accept failed");

@@ -1,9 +1,26 @@
 //! A link to one peer node: its bounded command queue, the task that writes the queue on the
 //! peer's command stream in order, and the connection requests use.
+//!
+//! ```text
+//!   adapters ──enqueue──► queue (bounded: commands and bytes) ──► writer task
+//!                                                                  │ takes every queued command
+//!                                                                  │ (a batch), one stream write
+//!                                                                  ▼
+//!                                                   command stream of the current connection
+//! ```
+//!
+//! Commands are never waited on by the emitter: `enqueue` returns at once. A command that
+//! finds the queue over its byte bound cuts the peer off (it reconnects; the queue is
+//! dropped and counted), volatile commands are shed earlier, at a quarter of the bound. A
+//! peer that accepts nothing for `slow_peer_timeout` while commands wait is cut off too: a
+//! busy machine slows a peer down, a stalled peer stops it.
 
-use std::sync::{
-    Arc, RwLock,
-    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -14,33 +31,51 @@ use tracing::{debug, warn};
 
 use super::Stats;
 use crate::{
-    membership::Member,
     peers::NodeId,
-    transport::{CloseCode, Connection},
+    transport::{CloseCode, Conn, SendStream, TransportError},
     wire::{self, UniHeader},
 };
+
+/// Commands taken off the queue into one write, at most.
+const MAX_BATCH: usize = 1024;
+/// Bytes gathered into one write, at most (a single larger command still goes alone).
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// The connection state of a link.
 #[derive(Clone, Default)]
 pub(crate) struct LinkState {
-    pub conn: Option<Arc<dyn Connection>>,
+    pub conn: Option<Conn>,
     /// The peer died or left: nothing will ever be sent to it again.
     pub gone: bool,
+}
+
+/// Bounds of a link's queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LinkLimits {
+    /// Commands queued at most.
+    pub queue_len: usize,
+    /// Bytes queued at most; volatile commands are shed from a quarter of it.
+    pub queue_bytes: usize,
+    /// A peer that accepts nothing for this long while commands wait is cut off.
+    pub stall_timeout: Duration,
+    /// On a busy link (the last write left less than this ago), the longest a command waits
+    /// for others to share its write. Zero: write as soon as the writer runs.
+    pub batch_delay: Duration,
 }
 
 /// See the module docs.
 pub(crate) struct Link {
     pub node: NodeId,
     pub node_uid: Uid,
-    /// What gossip says of the peer; `None` while it is connected but not yet a listed member.
-    pub member: RwLock<Option<Member>>,
     queue_tx: mpsc::Sender<Bytes>,
-    queued_bytes: Arc<AtomicUsize>,
-    max_bytes: usize,
+    /// Commands and bytes queued and not yet taken by the writer.
+    queued: AtomicUsize,
+    queued_bytes: AtomicUsize,
+    limits: LinkLimits,
     /// Commands enqueued so far: the sequence number of the next one.
     next_seq: AtomicU64,
-    /// Set when the peer is cut off for being slow: the writer then drops the queue.
-    cut_off: Arc<AtomicBool>,
+    /// Set when the peer is cut off: the writer then drops the queue.
+    cut_off: AtomicBool,
     pub state: watch::Sender<LinkState>,
     stats: Arc<Stats>,
 }
@@ -59,71 +94,52 @@ impl Link {
     pub(crate) fn spawn(
         node: NodeId,
         node_uid: Uid,
-        queue_len: usize,
-        max_bytes: usize,
+        limits: LinkLimits,
         stats: Arc<Stats>,
         tasks: &tokio_util::task::TaskTracker,
         cancel: CancellationToken,
     ) -> Arc<Link> {
-        let (queue_tx, queue_rx) = mpsc::channel(queue_len);
+        let (queue_tx, queue_rx) = mpsc::channel(limits.queue_len.max(1));
         let (state, state_rx) = watch::channel(LinkState::default());
         let link = Arc::new(Link {
             node,
             node_uid,
-            member: RwLock::new(None),
             queue_tx,
-            queued_bytes: Arc::new(AtomicUsize::new(0)),
-            max_bytes,
+            queued: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            limits,
             next_seq: AtomicU64::new(0),
-            cut_off: Arc::new(AtomicBool::new(false)),
+            cut_off: AtomicBool::new(false),
             state,
             stats,
         });
         let writer = Writer {
-            node_uid,
+            link: link.clone(),
             queue_rx,
-            queued_bytes: link.queued_bytes.clone(),
-            cut_off: link.cut_off.clone(),
             state_rx,
-            stats: link.stats.clone(),
+            batch: Vec::with_capacity(64),
+            last_write: tokio::time::Instant::now(),
         };
         tasks.spawn(writer.run(cancel));
         link
     }
 
-    /// Whether requests and commands for `ns` go to this peer: a live member serving it.
-    pub(crate) fn serves(&self, ns: &str) -> bool {
-        let member = self.member.read().unwrap_or_else(|e| e.into_inner());
-        member.as_ref().is_some_and(|m| m.serves(ns)) && !self.state.borrow().gone
-    }
-
-    /// Whether the peer is a live member (any namespace).
-    pub(crate) fn is_member(&self) -> bool {
-        self.member
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-            && !self.state.borrow().gone
-    }
-
-    /// The socketioxide server id the peer serves.
-    pub(crate) fn server_id(&self) -> Option<Uid> {
-        self.member
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .and_then(|m| m.server_id)
-    }
-
     /// Queue a command. Never waits: a full queue is the caller's decision (drop a volatile
-    /// message, or cut the peer off).
-    pub(crate) fn enqueue(&self, frame: Bytes) -> Result<(), EnqueueError> {
+    /// message, or cut the peer off). Volatile commands are refused once a quarter of the
+    /// byte bound is queued, so they go first when a peer falls behind.
+    pub(crate) fn enqueue(&self, frame: Bytes, volatile: bool) -> Result<(), EnqueueError> {
         let len = frame.len();
-        if self.queued_bytes.load(Ordering::Acquire) + len > self.max_bytes {
+        let bound = if volatile {
+            self.limits.queue_bytes / 4
+        } else {
+            self.limits.queue_bytes
+        };
+        if self.queued_bytes.load(Ordering::Acquire) + len > bound {
             return Err(EnqueueError::Full);
         }
-        // Count the bytes first: the writer may dequeue the frame before `try_send` returns.
+        // Count first: the writer may take the frame before `try_send` returns.
         self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        self.queued.fetch_add(1, Ordering::AcqRel);
         match self.queue_tx.try_send(frame) {
             Ok(()) => {
                 self.next_seq.fetch_add(1, Ordering::AcqRel);
@@ -131,6 +147,7 @@ impl Link {
             }
             Err(e) => {
                 self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                self.queued.fetch_sub(1, Ordering::AcqRel);
                 match e {
                     mpsc::error::TrySendError::Full(_) => Err(EnqueueError::Full),
                     mpsc::error::TrySendError::Closed(_) => Err(EnqueueError::Gone),
@@ -145,8 +162,16 @@ impl Link {
         self.next_seq.load(Ordering::Acquire)
     }
 
-    /// Cut a slow peer off: close its connection and drop its queue. It reconnects.
-    pub(crate) fn cut_off(&self) {
+    /// Commands and bytes waiting in the queue now.
+    pub(crate) fn depth(&self) -> (usize, usize) {
+        (
+            self.queued.load(Ordering::Relaxed),
+            self.queued_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Cut the peer off: close its connection and drop its queue. It reconnects.
+    pub(crate) fn cut_off(&self, why: &str) {
         // Without a connection there is nothing to cut: the queue waits for the next one, and
         // what overflows meanwhile is counted as lost by the caller.
         let Some(conn) = self.state.borrow().conn.clone() else {
@@ -156,19 +181,20 @@ impl Link {
             return; // already being cut off
         }
         self.stats.slow_peer_cutoffs.fetch_add(1, Ordering::Relaxed);
-        warn!(peer = %self.node_uid, queued_bytes = self.queued_bytes.load(Ordering::Relaxed),
-            "peer does not keep up with its command queue: cutting it off");
-        conn.close(CloseCode::SlowPeer, "command queue overflow");
+        let (queued, queued_bytes) = self.depth();
+        warn!(peer = %self.node_uid, queued, queued_bytes, reason = why,
+            "peer does not keep up with its commands: cutting it off");
+        conn.close(CloseCode::SlowPeer, why);
     }
 
     /// Wait for a connection to the peer; `None` if it is gone.
-    pub(crate) async fn connection(&self) -> Option<Arc<dyn Connection>> {
+    pub(crate) async fn connection(&self) -> Option<Conn> {
         let mut rx = self.state.subscribe();
         let state = rx.wait_for(|s| s.conn.is_some() || s.gone).await.ok()?;
         state.conn.clone()
     }
 
-    pub(crate) fn set_conn(&self, conn: Option<Arc<dyn Connection>>) {
+    pub(crate) fn set_conn(&self, conn: Option<Conn>) {
         self.state.send_modify(|s| s.conn = conn);
     }
 
@@ -182,12 +208,13 @@ impl Link {
 
 /// Writes the queue on the peer's command stream, reopening it on each new connection.
 struct Writer {
-    node_uid: Uid,
+    link: Arc<Link>,
     queue_rx: mpsc::Receiver<Bytes>,
-    queued_bytes: Arc<AtomicUsize>,
-    cut_off: Arc<AtomicBool>,
     state_rx: watch::Receiver<LinkState>,
-    stats: Arc<Stats>,
+    /// The commands of the write in progress (reused).
+    batch: Vec<Bytes>,
+    /// When the last write was handed to the transport.
+    last_write: tokio::time::Instant,
 }
 
 impl Writer {
@@ -206,7 +233,7 @@ impl Writer {
             tokio::select! {
                 res = self.write_all(&conn, &mut seq) => {
                     if let Err(e) = res {
-                        debug!(peer = %self.node_uid, error = %e, "command stream interrupted");
+                        debug!(peer = %self.link.node_uid, error = %e, "command stream interrupted");
                         // If the connection is still up, the stream broke on its own: the peer
                         // misbehaves. Close so both sides start over on a fresh connection.
                         conn.close(CloseCode::Protocol, "command stream failed");
@@ -215,23 +242,27 @@ impl Writer {
                 }
                 _ = cancel.cancelled() => return,
             }
-            if self.cut_off.swap(false, Ordering::AcqRel) {
+            if self.link.cut_off.swap(false, Ordering::AcqRel) {
                 let mut dropped = 0u64;
                 while let Ok(frame) = self.queue_rx.try_recv() {
-                    self.queued_bytes.fetch_sub(frame.len(), Ordering::AcqRel);
+                    self.link
+                        .queued_bytes
+                        .fetch_sub(frame.len(), Ordering::AcqRel);
+                    self.link.queued.fetch_sub(1, Ordering::AcqRel);
                     seq += 1;
                     dropped += 1;
                 }
-                self.stats
+                self.link
+                    .stats
                     .commands_lost
                     .fetch_add(dropped, Ordering::Relaxed);
-                warn!(peer = %self.node_uid, dropped, "dropped the queue of a cut-off peer");
+                warn!(peer = %self.link.node_uid, dropped, "dropped the queue of a cut-off peer");
             }
         }
     }
 
     /// The next connection to use, never the one that just failed.
-    async fn next_conn(&mut self, failed: Option<u64>) -> Option<Arc<dyn Connection>> {
+    async fn next_conn(&mut self, failed: Option<u64>) -> Option<Conn> {
         loop {
             {
                 let state = self.state_rx.borrow_and_update();
@@ -248,21 +279,18 @@ impl Writer {
         }
     }
 
-    async fn write_all(
-        &mut self,
-        conn: &Arc<dyn Connection>,
-        seq: &mut u64,
-    ) -> Result<(), crate::transport::TransportError> {
+    async fn write_all(&mut self, conn: &Conn, seq: &mut u64) -> Result<(), TransportError> {
         let mut stream = conn.open_uni().await?;
         let header = wire::encode(&UniHeader::Commands { start_seq: *seq })
-            .map_err(|e| crate::transport::TransportError::Io(e.to_string()))?;
+            .map_err(|e| TransportError::Io(e.to_string()))?;
         stream.send(header).await?;
         loop {
-            let frame = tokio::select! {
-                frame = self.queue_rx.recv() => match frame {
-                    Some(f) => f,
-                    None => return Ok(()),
-                },
+            tokio::select! {
+                n = self.queue_rx.recv_many(&mut self.batch, MAX_BATCH) => {
+                    if n == 0 {
+                        return Ok(());
+                    }
+                }
                 // A new connection replaced this one: move over.
                 changed = self.state_rx.changed() => {
                     let moved = changed.is_err() || {
@@ -275,14 +303,64 @@ impl Writer {
                     }
                     continue;
                 }
-            };
-            self.queued_bytes.fetch_sub(frame.len(), Ordering::AcqRel);
-            *seq += 1;
-            if let Err(e) = stream.send(frame).await {
-                self.stats.commands_lost.fetch_add(1, Ordering::Relaxed);
-                return Err(e);
             }
-            self.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
+            // A busy link writes at most once per `batch_delay`: what is queued meanwhile
+            // shares the next write. After a quiet spell, a command leaves at once.
+            let due = self.last_write + self.link.limits.batch_delay;
+            if tokio::time::Instant::now() < due {
+                tokio::time::sleep_until(due).await;
+            }
+            self.last_write = tokio::time::Instant::now();
+            self.write_batch(&mut stream, seq).await?;
+        }
+    }
+
+    /// Write the batch taken off the queue (and whatever else is queued by now, up to the
+    /// bounds) in one stream write.
+    async fn write_batch(
+        &mut self,
+        stream: &mut SendStream,
+        seq: &mut u64,
+    ) -> Result<(), TransportError> {
+        let link = &self.link;
+        let mut bytes: usize = self.batch.iter().map(Bytes::len).sum();
+        while self.batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match self.queue_rx.try_recv() {
+                Ok(frame) => {
+                    bytes += frame.len();
+                    self.batch.push(frame);
+                }
+                Err(_) => break,
+            }
+        }
+        let n = self.batch.len();
+        link.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        link.queued.fetch_sub(n, Ordering::AcqRel);
+        *seq += n as u64;
+        let written =
+            tokio::time::timeout(link.limits.stall_timeout, stream.send_batch(&self.batch)).await;
+        self.batch.clear();
+        match written {
+            Ok(Ok(())) => {
+                link.stats
+                    .commands_sent
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                link.stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                link.stats
+                    .commands_lost
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                Err(e)
+            }
+            Err(_) => {
+                link.stats
+                    .commands_lost
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                link.cut_off("no progress writing commands");
+                Err(TransportError::Io("peer stalled".into()))
+            }
         }
     }
 }

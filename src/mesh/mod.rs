@@ -6,6 +6,7 @@ mod conn;
 mod driver;
 mod link;
 mod request;
+mod routes;
 #[cfg(test)]
 mod tests;
 
@@ -21,6 +22,7 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_core::Stream;
 use serde::{Serialize, de::DeserializeOwned};
@@ -30,15 +32,16 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-pub(crate) use link::{EnqueueError, Link};
+pub(crate) use link::{EnqueueError, Link, LinkLimits};
 pub(crate) use request::{Mode, Outgoing};
+pub(crate) use routes::Routes;
 
 use crate::{
     Error, MeshConfig, TransportKind,
     membership::{Member, Membership, keys},
     peers::NodeId,
     seed::SeedContext,
-    transport::{Transport, TransportSettings, quic::QuicTransport, ws::WsTransport},
+    transport::{Endpoint, TransportSettings, quic::QuicTransport, ws::WsTransport},
     wire::{self, Command, CommandRef, Hello, Query, QueryRef, Reply},
 };
 
@@ -58,8 +61,10 @@ pub(crate) struct Stats {
     pub commands_sent: AtomicU64,
     pub commands_received: AtomicU64,
     pub commands_lost: AtomicU64,
+    pub batches_sent: AtomicU64,
     pub volatile_dropped: AtomicU64,
     pub slow_peer_cutoffs: AtomicU64,
+    pub socket_buffer_drops: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub handshakes_refused: AtomicU64,
     pub dials_failed: AtomicU64,
@@ -79,10 +84,27 @@ pub struct MeshStats {
     pub commands_received: u64,
     /// Commands lost because a connection broke or a slow peer was cut off.
     pub commands_lost: u64,
-    /// Volatile broadcasts dropped because a peer's queue was full.
+    /// Stream writes that carried the commands sent: `commands_sent / batches_sent` is the
+    /// average number of commands per write.
+    pub batches_sent: u64,
+    /// Volatile broadcasts dropped because a peer had fallen behind (its queue held a quarter
+    /// of `peer_queue_bytes`).
     pub volatile_dropped: u64,
-    /// Times a peer was cut off for not keeping up with its queue.
+    /// Times a peer was cut off: its queue went over `peer_queue_bytes`, or it accepted
+    /// nothing for `slow_peer_timeout`.
     pub slow_peer_cutoffs: u64,
+    /// Packets of peers' broadcasts that a local socket could not take because its buffer
+    /// was full (see socketioxide's `max_buffer_size`).
+    pub socket_buffer_drops: u64,
+    /// Commands waiting in the peers' queues now.
+    pub queued_commands: u64,
+    /// Bytes waiting in the peers' queues now.
+    pub queued_bytes: u64,
+    /// System calls that wrote to peer sockets (`sendmsg`/`sendmmsg` for QUIC, `write`/
+    /// `writev` for WebSocket): the cost of the data path, in calls.
+    pub peer_send_calls: u64,
+    /// System calls that read from peer sockets.
+    pub peer_recv_calls: u64,
     /// Connections closed because the peer broke the protocol (malformed or oversize frame...).
     pub protocol_errors: u64,
     /// Incoming connections refused: by TLS (certificate missing or not from the cluster CA)
@@ -150,8 +172,7 @@ type ServerEventHandler = Arc<dyn Fn(ServerEvent) + Send + Sync>;
 pub(crate) struct Settings {
     pub request_timeout: Duration,
     pub max_frame_size: usize,
-    pub peer_queue_len: usize,
-    pub peer_queue_bytes: usize,
+    pub link_limits: LinkLimits,
     pub max_concurrent_streams: u32,
     pub connect_timeout: Duration,
     pub transport: TransportKind,
@@ -165,7 +186,10 @@ pub(crate) struct Shared {
     pub hello: Hello,
     pub local_addr: SocketAddr,
     pub sio_id: OnceLock<Uid>,
+    /// Every link, by node (the driver's; readers use `routes`).
     pub links: RwLock<HashMap<NodeId, Arc<Link>>>,
+    /// Where commands and requests go, rebuilt by the driver on every change.
+    pub routes: ArcSwap<Routes>,
     pub namespaces: RwLock<HashMap<String, Weak<dyn NsHandler>>>,
     /// Commands applied per peer (for queries that must see them).
     pub inbound: Mutex<HashMap<NodeId, watch::Sender<u64>>>,
@@ -174,7 +198,7 @@ pub(crate) struct Shared {
     pub request_permits: Arc<Semaphore>,
     pub stats: Arc<Stats>,
     pub membership: Membership,
-    pub transport: Arc<dyn Transport>,
+    pub transport: Endpoint,
     pub gossip_in: mpsc::Sender<(SocketAddr, chitchat::ChitchatMessage)>,
     pub seed_ctx: SeedContext,
     pub cancel: CancellationToken,
@@ -240,14 +264,14 @@ impl Mesh {
     pub async fn start(config: MeshConfig) -> Result<Mesh, Error> {
         config.validate()?;
         let settings = TransportSettings::from_config(&config);
-        let transport: Arc<dyn Transport> = match config.transport {
-            TransportKind::Quic => Arc::new(QuicTransport::bind(
+        let transport = match config.transport {
+            TransportKind::Quic => Endpoint::Quic(QuicTransport::bind(
                 config.listen_addr,
                 &config.tls,
                 settings,
             )?),
             TransportKind::Ws => {
-                Arc::new(WsTransport::bind(config.listen_addr, &config.tls, settings).await?)
+                Endpoint::Ws(WsTransport::bind(config.listen_addr, &config.tls, settings).await?)
             }
         };
         Self::start_with_transport(config, transport).await
@@ -255,7 +279,7 @@ impl Mesh {
 
     pub(crate) async fn start_with_transport(
         config: MeshConfig,
-        transport: Arc<dyn Transport>,
+        transport: Endpoint,
     ) -> Result<Mesh, Error> {
         let local_addr = transport.local_addr();
         let advertise_addr = match config.advertise_addr {
@@ -278,8 +302,12 @@ impl Mesh {
         let settings = Settings {
             request_timeout: config.request_timeout,
             max_frame_size: config.max_frame_size,
-            peer_queue_len: config.peer_queue_len,
-            peer_queue_bytes: config.peer_queue_bytes,
+            link_limits: LinkLimits {
+                queue_len: config.peer_queue_len,
+                queue_bytes: config.peer_queue_bytes,
+                stall_timeout: config.slow_peer_timeout,
+                batch_delay: config.batch_delay,
+            },
             max_concurrent_streams: config.max_concurrent_streams,
             connect_timeout: config.connect_timeout,
             transport: config.transport,
@@ -294,6 +322,7 @@ impl Mesh {
             local_addr,
             sio_id: OnceLock::new(),
             links: RwLock::new(HashMap::new()),
+            routes: ArcSwap::from_pointee(Routes::default()),
             namespaces: RwLock::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
             server_handler: RwLock::new(None),
@@ -356,7 +385,13 @@ impl Mesh {
     /// The number of nodes serving namespace `ns`: this one plus the live peers serving it.
     /// (The adapter's `server_count` gives the same; socketioxide 0.18 does not expose it.)
     pub fn server_count(&self, ns: &str) -> u16 {
-        let peers = self.shared.ns_links(ns, None).len();
+        let peers = self
+            .shared
+            .members_tx
+            .borrow()
+            .iter()
+            .filter(|m| m.serves(ns))
+            .count();
         u16::try_from(peers + 1).unwrap_or(u16::MAX)
     }
 
@@ -364,12 +399,25 @@ impl Mesh {
     pub fn stats(&self) -> MeshStats {
         let s = &self.shared.stats;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (mut queued_commands, mut queued_bytes) = (0, 0);
+        for link in self.shared.links().values() {
+            let (n, bytes) = link.depth();
+            queued_commands += n as u64;
+            queued_bytes += bytes as u64;
+        }
+        let io = self.shared.transport.io();
         MeshStats {
             commands_sent: l(&s.commands_sent),
             commands_received: l(&s.commands_received),
             commands_lost: l(&s.commands_lost),
+            batches_sent: l(&s.batches_sent),
             volatile_dropped: l(&s.volatile_dropped),
             slow_peer_cutoffs: l(&s.slow_peer_cutoffs),
+            socket_buffer_drops: l(&s.socket_buffer_drops),
+            queued_commands,
+            queued_bytes,
+            peer_send_calls: l(&io.send_calls),
+            peer_recv_calls: l(&io.recv_calls),
             protocol_errors: l(&s.protocol_errors) + self.shared.transport.protocol_errors(),
             handshakes_refused: l(&s.handshakes_refused)
                 + self.shared.transport.handshake_failures(),
@@ -417,8 +465,8 @@ impl Mesh {
             data: serde_bytes::Bytes::new(&data),
         };
         let frame = self.shared.encode_frame(&cmd)?;
-        self.shared
-            .send_command(&self.shared.member_links(), frame, false);
+        let routes = self.shared.routes.load();
+        self.shared.send_command(routes.links(), frame, false);
         Ok(())
     }
 
@@ -435,7 +483,7 @@ impl Mesh {
             event,
             data: serde_bytes::Bytes::new(&data),
         };
-        let targets = self.shared.member_links();
+        let targets = self.shared.routes.load().links().to_vec();
         let timeout = self.shared.settings.request_timeout;
         let mut out = self
             .shared
@@ -506,32 +554,6 @@ impl Shared {
         self.links.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Links to live members serving `ns`; only the one serving `server_id` when given and
-    /// known.
-    pub(crate) fn ns_links(&self, ns: &str, server_id: Option<Uid>) -> Vec<Arc<Link>> {
-        let links = self.links();
-        if let Some(sid) = server_id {
-            let target: Vec<Arc<Link>> = links
-                .values()
-                .filter(|l| l.serves(ns) && l.server_id() == Some(sid))
-                .cloned()
-                .collect();
-            if !target.is_empty() {
-                return target;
-            }
-        }
-        links.values().filter(|l| l.serves(ns)).cloned().collect()
-    }
-
-    /// Links to every live member.
-    pub(crate) fn member_links(&self) -> Vec<Arc<Link>> {
-        self.links()
-            .values()
-            .filter(|l| l.is_member())
-            .cloned()
-            .collect()
-    }
-
     /// Encode a message, refusing one larger than the frame limit.
     pub(crate) fn encode_frame<T: Serialize>(&self, msg: &T) -> Result<Bytes, Error> {
         let frame = wire::encode(msg)?;
@@ -549,14 +571,14 @@ impl Shared {
     /// message or cuts the slow peer off.
     pub(crate) fn send_command(&self, links: &[Arc<Link>], frame: Bytes, volatile: bool) {
         for link in links {
-            match link.enqueue(frame.clone()) {
+            match link.enqueue(frame.clone(), volatile) {
                 Ok(()) => {}
                 Err(EnqueueError::Full) if volatile => {
                     self.stats.volatile_dropped.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(EnqueueError::Full) => {
                     self.stats.commands_lost.fetch_add(1, Ordering::Relaxed);
-                    link.cut_off();
+                    link.cut_off("command queue over its bound");
                 }
                 Err(EnqueueError::Gone) => {}
             }
@@ -618,7 +640,6 @@ impl Shared {
 
     /// Apply a command received from `from`.
     pub(crate) fn apply(&self, from: Uid, cmd: Command) {
-        self.stats.commands_received.fetch_add(1, Ordering::Relaxed);
         match cmd {
             Command::ServerEvent { event, data } => {
                 let handler = self
@@ -681,12 +702,19 @@ impl Shared {
                 let handler = query.ns().and_then(|ns| self.ns_handler(ns));
                 match handler {
                     Some(h) => h.answer(query),
+                    // Requests go to every member: one that does not serve the namespace
+                    // has nothing to contribute.
                     None => {
-                        let msg = format!(
-                            "namespace {} is not served by this node",
-                            query.ns().map(|s| s.as_str()).unwrap_or("?")
-                        );
-                        futures_util::stream::once(async move { Reply::Error(msg) }).boxed()
+                        let empty = match query {
+                            Query::FetchSockets { .. } => Reply::Sockets {
+                                server_id: self.sio_id.get().copied().unwrap_or_default(),
+                                ids: Vec::new(),
+                            },
+                            Query::Rooms { .. } => Reply::Rooms(Vec::new()),
+                            Query::BroadcastWithAck { .. } => Reply::AckCount(0),
+                            Query::ServerEventWithAck { .. } => Reply::ServerAck(None),
+                        };
+                        futures_util::stream::once(async move { empty }).boxed()
                     }
                 }
             }

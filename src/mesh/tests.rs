@@ -1,10 +1,13 @@
 //! Mesh-level tests over the in-memory transport: fast, and able to cut links.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use crate::{
     DevCa, Mesh, MeshConfig, StaticSeeds,
-    transport::mem::{MemIdentity, MemNetwork},
+    transport::{
+        Endpoint,
+        mem::{MemIdentity, MemNetwork},
+    },
 };
 
 async fn mem_mesh(net: &MemNetwork, tls: &crate::TlsConfig, seeds: &[SocketAddr]) -> Mesh {
@@ -16,7 +19,7 @@ async fn mem_mesh(net: &MemNetwork, tls: &crate::TlsConfig, seeds: &[SocketAddr]
         issued_by: "mem".into(),
         trusts: "mem".into(),
     };
-    let transport = Arc::new(net.bind(identity, cfg.max_frame_size));
+    let transport = Endpoint::Mem(net.bind(identity, cfg.max_frame_size));
     Mesh::start_with_transport(cfg, transport)
         .await
         .expect("start")

@@ -11,11 +11,10 @@ use std::{
     },
 };
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{Mutex as AsyncMutex, mpsc, watch};
 
-use super::{CloseCode, Connection, FrameRecv, FrameSend, Transport, TransportError};
+use super::{CloseCode, Conn, IoCounters, RecvStream, SendStream, TransportError};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1 << 48);
 const STREAM_BUFFER: usize = 32;
@@ -73,6 +72,7 @@ impl MemNetwork {
             identity,
             max_frame,
             incoming: AsyncMutex::new(rx),
+            io: IoCounters::default(),
         }
     }
 
@@ -107,15 +107,16 @@ pub(crate) struct MemTransport {
     identity: MemIdentity,
     max_frame: usize,
     incoming: AsyncMutex<mpsc::Receiver<MemConn>>,
+    /// Always zero: no system call is made.
+    io: IoCounters,
 }
 
-#[async_trait]
-impl Transport for MemTransport {
-    fn local_addr(&self) -> SocketAddr {
+impl MemTransport {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Box<dyn Connection>, TransportError> {
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Conn, TransportError> {
         let (local, remote) = {
             let mut net = self.net.inner.lock().unwrap_or_else(|e| e.into_inner());
             if net.cut.contains(&(self.addr, addr)) {
@@ -136,7 +137,7 @@ impl Transport for MemTransport {
                     code: None,
                     reason: "peer refused our certificate".into(),
                 });
-                return Ok(Box::new(local));
+                return Ok(Conn::Mem(local));
             }
             if self.identity.trusts != peer.identity.issued_by {
                 return Err(TransportError::Connect("invalid peer certificate".into()));
@@ -150,17 +151,33 @@ impl Transport for MemTransport {
             .send(remote)
             .await
             .map_err(|_| TransportError::Connect(format!("{addr} closed")))?;
-        Ok(Box::new(local))
+        Ok(Conn::Mem(local))
     }
 
-    async fn accept(&self) -> Result<Box<dyn Connection>, TransportError> {
+    pub(crate) async fn accept(&self) -> Result<Conn, TransportError> {
         match self.incoming.lock().await.recv().await {
-            Some(conn) => Ok(Box::new(conn)),
+            Some(conn) => Ok(Conn::Mem(conn)),
             None => Err(TransportError::EndpointClosed),
         }
     }
 
-    fn close(&self) {
+    pub(crate) fn handshake_failures(&self) -> u64 {
+        0
+    }
+
+    pub(crate) fn reload_tls(&self, _tls: &crate::TlsConfig) -> Result<(), crate::Error> {
+        Ok(())
+    }
+
+    pub(crate) fn protocol_errors(&self) -> u64 {
+        0
+    }
+
+    pub(crate) fn io(&self) -> &IoCounters {
+        &self.io
+    }
+
+    pub(crate) fn close(&self) {
         let mut net = self.net.inner.lock().unwrap_or_else(|e| e.into_inner());
         net.endpoints.remove(&self.addr);
         let me = self.addr;
@@ -198,7 +215,7 @@ impl Shared {
 }
 
 #[derive(Clone)]
-struct MemConn {
+pub(crate) struct MemConn {
     id: u64,
     side: usize,
     remote: SocketAddr,
@@ -292,17 +309,16 @@ impl MemConn {
     }
 }
 
-#[async_trait]
-impl Connection for MemConn {
-    fn id(&self) -> u64 {
+impl MemConn {
+    pub(crate) fn id(&self) -> u64 {
         self.id
     }
 
-    fn remote_addr(&self) -> SocketAddr {
+    pub(crate) fn remote_addr(&self) -> SocketAddr {
         self.remote
     }
 
-    async fn open_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError> {
+    pub(crate) async fn open_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         if let Some(e) = self.closed_error() {
             return Err(e);
         }
@@ -317,17 +333,17 @@ impl Connection for MemConn {
                 self.closed_error()
                     .unwrap_or(TransportError::EndpointClosed)
             })?;
-        Ok((Box::new(send_out), Box::new(recv_back)))
+        Ok((SendStream::Mem(send_out), RecvStream::Mem(recv_back)))
     }
 
-    async fn accept_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError> {
+    pub(crate) async fn accept_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let mut rx = self.accept_bi_rx.lock().await;
         tokio::select! {
             biased; // streams already opened are delivered before the close
             got = rx.recv() => match got {
                 Some((s, mut r)) => {
                     r.max_frame = self.max_frame;
-                    Ok((Box::new(s), Box::new(r)))
+                    Ok((SendStream::Mem(s), RecvStream::Mem(r)))
                 }
                 None => Err(self.closed_error().unwrap_or(TransportError::EndpointClosed)),
             },
@@ -335,7 +351,7 @@ impl Connection for MemConn {
         }
     }
 
-    async fn open_uni(&self) -> Result<Box<dyn FrameSend>, TransportError> {
+    pub(crate) async fn open_uni(&self) -> Result<SendStream, TransportError> {
         if let Some(e) = self.closed_error() {
             return Err(e);
         }
@@ -344,17 +360,17 @@ impl Connection for MemConn {
             self.closed_error()
                 .unwrap_or(TransportError::EndpointClosed)
         })?;
-        Ok(Box::new(send))
+        Ok(SendStream::Mem(send))
     }
 
-    async fn accept_uni(&self) -> Result<Box<dyn FrameRecv>, TransportError> {
+    pub(crate) async fn accept_uni(&self) -> Result<RecvStream, TransportError> {
         let mut rx = self.accept_uni_rx.lock().await;
         tokio::select! {
             biased; // streams already opened are delivered before the close
             got = rx.recv() => match got {
                 Some(mut r) => {
                     r.max_frame = self.max_frame;
-                    Ok(Box::new(r))
+                    Ok(RecvStream::Mem(r))
                 }
                 None => Err(self.closed_error().unwrap_or(TransportError::EndpointClosed)),
             },
@@ -362,7 +378,7 @@ impl Connection for MemConn {
         }
     }
 
-    fn close(&self, code: CloseCode, reason: &str) {
+    pub(crate) fn close(&self, code: CloseCode, reason: &str) {
         let local = TransportError::Closed {
             code: None,
             reason: "closed locally".into(),
@@ -386,7 +402,7 @@ impl Connection for MemConn {
     }
 }
 
-struct MemSend {
+pub(crate) struct MemSend {
     tx: Option<mpsc::Sender<Bytes>>,
     fin: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<Shared>,
@@ -394,31 +410,28 @@ struct MemSend {
     max_frame: usize,
 }
 
-#[async_trait]
-impl FrameSend for MemSend {
-    async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
-        if frame.len() > self.max_frame {
-            return Err(TransportError::FrameTooLarge {
-                size: frame.len() as u64,
-                max: self.max_frame,
-            });
-        }
+impl MemSend {
+    pub(crate) async fn send_batch(&mut self, frames: &[Bytes]) -> Result<(), TransportError> {
+        super::frame::check(frames, self.max_frame)?;
         let Some(tx) = &self.tx else {
             return Err(TransportError::Io("stream already finished".into()));
         };
-        tokio::select! {
-            res = tx.send(frame) => res.map_err(|_| TransportError::Io("stream stopped by peer".into())),
-            e = MemConn::wait_closed(&self.shared, self.side) => Err(e),
+        for frame in frames {
+            tokio::select! {
+                res = tx.send(frame.clone()) => res.map_err(|_| TransportError::Io("stream stopped by peer".into()))?,
+                e = MemConn::wait_closed(&self.shared, self.side) => return Err(e),
+            }
         }
+        Ok(())
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         self.fin.store(true, Ordering::Release);
         self.tx = None;
     }
 }
 
-struct MemRecv {
+pub(crate) struct MemRecv {
     rx: mpsc::Receiver<Bytes>,
     fin: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<Shared>,
@@ -426,9 +439,19 @@ struct MemRecv {
     max_frame: usize,
 }
 
-#[async_trait]
-impl FrameRecv for MemRecv {
-    async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+impl MemRecv {
+    pub(crate) fn try_recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+        match self.rx.try_recv() {
+            Ok(f) if f.len() > self.max_frame => Err(TransportError::FrameTooLarge {
+                size: f.len() as u64,
+                max: self.max_frame,
+            }),
+            Ok(f) => Ok(Some(f)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
         tokio::select! {
             biased;
             item = self.rx.recv() => match item {

@@ -5,6 +5,7 @@
 //! [`crate::wire`]. Every transport passes one test suite (`suite.rs`): the in-memory twin
 //! (`mem`), QUIC ([`quic`]) and WebSocket ([`ws`]).
 
+pub(crate) mod frame;
 #[cfg(test)]
 pub(crate) mod mem;
 pub(crate) mod quic;
@@ -23,7 +24,6 @@ use std::{
     time::Duration,
 };
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::{
     sync::{Semaphore, mpsc},
@@ -88,75 +88,182 @@ pub(crate) enum TransportError {
     Io(String),
 }
 
-/// Opens and accepts connections on one local address.
-#[async_trait]
-pub(crate) trait Transport: Send + Sync + 'static {
+/// Dispatch a call to the transport behind one of this module's enums. Static dispatch: no
+/// boxed future per call on the data path.
+macro_rules! dispatch {
+    ($value:expr, $inner:ident => $call:expr) => {
+        match $value {
+            Self::Quic($inner) => $call,
+            Self::Ws($inner) => $call,
+            #[cfg(test)]
+            Self::Mem($inner) => $call,
+        }
+    };
+}
+
+/// System calls made on an endpoint's sockets, counted where they are made (the data path's
+/// cost is counted in calls, not only in bytes).
+#[derive(Debug, Default)]
+pub(crate) struct IoCounters {
+    /// Calls that write to a peer socket (`sendmsg`/`sendmmsg` for QUIC, `write`/`writev` for
+    /// WebSocket).
+    pub send_calls: AtomicU64,
+    /// Calls that read from a peer socket (`recvmsg`/`recvmmsg`, `read`).
+    pub recv_calls: AtomicU64,
+}
+
+/// Opens and accepts authenticated connections on one local address.
+pub(crate) enum Endpoint {
+    Quic(quic::QuicTransport),
+    Ws(ws::WsTransport),
+    #[cfg(test)]
+    Mem(mem::MemTransport),
+}
+
+impl Endpoint {
     /// The bound address.
-    fn local_addr(&self) -> SocketAddr;
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        dispatch!(self, t => t.local_addr())
+    }
+
     /// Dial a peer; returns once the (mutually authenticated) connection is up.
-    async fn connect(&self, addr: SocketAddr) -> Result<Box<dyn Connection>, TransportError>;
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Conn, TransportError> {
+        dispatch!(self, t => t.connect(addr).await)
+    }
+
     /// The next incoming connection; `Err(EndpointClosed)` once closed. Failed handshakes
     /// (bad certificates) are logged inside and never returned.
-    async fn accept(&self) -> Result<Box<dyn Connection>, TransportError>;
+    pub(crate) async fn accept(&self) -> Result<Conn, TransportError> {
+        dispatch!(self, t => t.accept().await)
+    }
+
     /// Close the endpoint and every connection.
-    fn close(&self);
+    pub(crate) fn close(&self) {
+        dispatch!(self, t => t.close())
+    }
+
     /// Incoming connections refused during the transport handshake (bad or missing
     /// certificate, timeout) since the endpoint opened.
-    fn handshake_failures(&self) -> u64 {
-        0
+    pub(crate) fn handshake_failures(&self) -> u64 {
+        dispatch!(self, t => t.handshake_failures())
     }
+
     /// Use new TLS material (rotated certificates) for connections from now on; open
     /// connections keep theirs.
-    fn reload_tls(&self, tls: &crate::TlsConfig) -> Result<(), crate::Error> {
-        let _ = tls;
-        Ok(())
+    pub(crate) fn reload_tls(&self, tls: &crate::TlsConfig) -> Result<(), crate::Error> {
+        dispatch!(self, t => t.reload_tls(tls))
     }
+
     /// Connections closed by the transport itself for a protocol violation (the WebSocket
     /// multiplexer's own framing); violations above the transport are counted by the mesh.
-    fn protocol_errors(&self) -> u64 {
-        0
+    pub(crate) fn protocol_errors(&self) -> u64 {
+        dispatch!(self, t => t.protocol_errors())
+    }
+
+    /// System calls on this endpoint's sockets so far.
+    pub(crate) fn io(&self) -> &IoCounters {
+        dispatch!(self, t => t.io())
     }
 }
 
-/// One authenticated connection to a peer.
-#[async_trait]
-pub(crate) trait Connection: Send + Sync + 'static {
-    /// A process-unique id.
-    fn id(&self) -> u64;
-    /// The remote socket address (not necessarily its advertised address).
-    fn remote_addr(&self) -> SocketAddr;
-    /// Open a bidirectional stream.
-    async fn open_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError>;
-    /// Accept the next bidirectional stream opened by the peer.
-    async fn accept_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError>;
-    /// Open a unidirectional stream.
-    async fn open_uni(&self) -> Result<Box<dyn FrameSend>, TransportError>;
-    /// Accept the next unidirectional stream opened by the peer.
-    async fn accept_uni(&self) -> Result<Box<dyn FrameRecv>, TransportError>;
-    /// Close the connection; pending streams fail at once on both sides.
-    fn close(&self, code: CloseCode, reason: &str);
+/// One authenticated connection to a peer. Cheap to clone (a handle).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Quic(quic::QuicConn),
+    Ws(ws::WsConn),
+    #[cfg(test)]
+    Mem(mem::MemConn),
 }
 
-impl fmt::Debug for dyn Connection {
+impl Conn {
+    /// A process-unique id.
+    pub(crate) fn id(&self) -> u64 {
+        dispatch!(self, c => c.id())
+    }
+
+    /// The remote socket address (not necessarily its advertised address).
+    pub(crate) fn remote_addr(&self) -> SocketAddr {
+        dispatch!(self, c => c.remote_addr())
+    }
+
+    /// Open a bidirectional stream.
+    pub(crate) async fn open_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
+        dispatch!(self, c => c.open_bi().await)
+    }
+
+    /// Accept the next bidirectional stream opened by the peer.
+    pub(crate) async fn accept_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
+        dispatch!(self, c => c.accept_bi().await)
+    }
+
+    /// Open a unidirectional stream.
+    pub(crate) async fn open_uni(&self) -> Result<SendStream, TransportError> {
+        dispatch!(self, c => c.open_uni().await)
+    }
+
+    /// Accept the next unidirectional stream opened by the peer.
+    pub(crate) async fn accept_uni(&self) -> Result<RecvStream, TransportError> {
+        dispatch!(self, c => c.accept_uni().await)
+    }
+
+    /// Close the connection; pending streams fail at once on both sides.
+    pub(crate) fn close(&self, code: CloseCode, reason: &str) {
+        dispatch!(self, c => c.close(code, reason))
+    }
+}
+
+impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Connection#{}({})", self.id(), self.remote_addr())
+        write!(f, "Conn#{}({})", self.id(), self.remote_addr())
     }
 }
 
 /// The sending half of a stream.
-#[async_trait]
-pub(crate) trait FrameSend: Send + Sync + 'static {
+pub(crate) enum SendStream {
+    Quic(quic::QuicSend),
+    Ws(ws::WsSend),
+    #[cfg(test)]
+    Mem(mem::MemSend),
+}
+
+impl SendStream {
     /// Send one frame (waits for flow control).
-    async fn send(&mut self, frame: Bytes) -> Result<(), TransportError>;
+    pub(crate) async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
+        self.send_batch(std::slice::from_ref(&frame)).await
+    }
+
+    /// Send frames in order with as few writes as the transport allows (one, usually). Either
+    /// every frame is refused (one is over the limit) or they are all handed over in order.
+    pub(crate) async fn send_batch(&mut self, frames: &[Bytes]) -> Result<(), TransportError> {
+        dispatch!(self, s => s.send_batch(frames).await)
+    }
+
     /// Signal the end of the stream; frames sent before are still delivered.
-    fn finish(&mut self);
+    pub(crate) fn finish(&mut self) {
+        dispatch!(self, s => s.finish())
+    }
 }
 
 /// The receiving half of a stream.
-#[async_trait]
-pub(crate) trait FrameRecv: Send + Sync + 'static {
+pub(crate) enum RecvStream {
+    Quic(quic::QuicRecv),
+    Ws(ws::WsRecv),
+    #[cfg(test)]
+    Mem(mem::MemRecv),
+}
+
+impl RecvStream {
     /// The next frame, or `None` when the peer finished the stream.
-    async fn recv(&mut self) -> Result<Option<Bytes>, TransportError>;
+    pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+        dispatch!(self, r => r.recv().await)
+    }
+
+    /// A frame that already arrived, without waiting; `None` when none is ready yet (the end
+    /// of the stream and errors show on the next [`recv`](Self::recv)). Lets a reader apply
+    /// everything a batch brought before it publishes its progress.
+    pub(crate) fn try_recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+        dispatch!(self, r => r.try_recv())
+    }
 }
 
 /// Settings every transport honours.

@@ -9,17 +9,18 @@ use std::{
     },
 };
 
-use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use futures_util::FutureExt;
 use quinn::{
-    ConnectionError, ReadError, ReadExactError, VarInt, WriteError,
+    AsyncUdpSocket, ConnectionError, ReadError, Runtime, UdpPoller, VarInt, WriteError,
     crypto::rustls::{QuicClientConfig, QuicServerConfig},
+    udp::{RecvMeta, Transmit},
 };
 use tokio::sync::{Mutex, mpsc};
 
 use super::{
-    CloseCode, Connection, FrameRecv, FrameSend, Handshakes, MAX_PENDING_HANDSHAKES, Transport,
-    TransportError, TransportSettings,
+    CloseCode, Conn, Handshakes, IoCounters, MAX_PENDING_HANDSHAKES, RecvStream, SendStream,
+    TransportError, TransportSettings, frame,
 };
 use crate::{error::Error, tls::TlsConfig};
 
@@ -37,6 +38,7 @@ pub(crate) struct QuicTransport {
     settings: TransportSettings,
     accepted_rx: Mutex<mpsc::Receiver<QuicConn>>,
     refused: Arc<AtomicU64>,
+    io: Arc<IoCounters>,
     /// Owns the accept task; aborted when the transport is dropped.
     _accept_task: tokio::task::JoinHandle<()>,
 }
@@ -81,16 +83,26 @@ impl QuicTransport {
         settings: TransportSettings,
     ) -> Result<Self, Error> {
         let (server, client) = quinn_configs(tls, &settings)?;
-        let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| Error::Bind {
+        let bind_err = |e: std::io::Error| Error::Bind {
             kind: "quic",
             addr,
             reason: e.to_string(),
-        })?;
-        let local_addr = endpoint.local_addr().map_err(|e| Error::Bind {
-            kind: "quic",
-            addr,
-            reason: e.to_string(),
-        })?;
+        };
+        let io = Arc::new(IoCounters::default());
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+        let socket = Arc::new(CountingSocket {
+            inner: runtime.wrap_udp_socket(socket).map_err(bind_err)?,
+            io: io.clone(),
+        });
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
+        let local_addr = endpoint.local_addr().map_err(bind_err)?;
         let (tx, rx) = mpsc::channel(MAX_PENDING_HANDSHAKES);
         let refused = Arc::new(AtomicU64::new(0));
         let accept_task = tokio::spawn(accept_loop(
@@ -108,6 +120,7 @@ impl QuicTransport {
             settings,
             accepted_rx: Mutex::new(rx),
             refused,
+            io,
             _accept_task: accept_task,
         })
     }
@@ -154,13 +167,12 @@ async fn accept_loop(
     }
 }
 
-#[async_trait]
-impl Transport for QuicTransport {
-    fn local_addr(&self) -> SocketAddr {
+impl QuicTransport {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Box<dyn Connection>, TransportError> {
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Conn, TransportError> {
         let client = self
             .client
             .read()
@@ -174,35 +186,93 @@ impl Transport for QuicTransport {
             .await
             .map_err(|_| TransportError::Connect(format!("timed out dialing {addr}")))?
             .map_err(|e| TransportError::Connect(e.to_string()))?;
-        Ok(Box::new(QuicConn::new(conn, self.settings.max_frame_size)))
+        Ok(Conn::Quic(QuicConn::new(
+            conn,
+            self.settings.max_frame_size,
+        )))
     }
 
-    async fn accept(&self) -> Result<Box<dyn Connection>, TransportError> {
+    pub(crate) async fn accept(&self) -> Result<Conn, TransportError> {
         match self.accepted_rx.lock().await.recv().await {
-            Some(conn) => Ok(Box::new(conn)),
+            Some(conn) => Ok(Conn::Quic(conn)),
             None => Err(TransportError::EndpointClosed),
         }
     }
 
-    fn close(&self) {
+    pub(crate) fn close(&self) {
         self.endpoint
             .close(VarInt::from_u32(CloseCode::Leaving as u32), b"node leaving");
     }
 
-    fn handshake_failures(&self) -> u64 {
+    pub(crate) fn handshake_failures(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
 
-    fn reload_tls(&self, tls: &TlsConfig) -> Result<(), Error> {
+    pub(crate) fn reload_tls(&self, tls: &TlsConfig) -> Result<(), Error> {
         let (server, client) = quinn_configs(tls, &self.settings)?;
         self.endpoint.set_server_config(Some(server));
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = client;
         Ok(())
     }
+
+    pub(crate) fn protocol_errors(&self) -> u64 {
+        0
+    }
+
+    pub(crate) fn io(&self) -> &IoCounters {
+        &self.io
+    }
+}
+
+/// The endpoint's UDP socket, counting the system calls quinn makes on it.
+#[derive(Debug)]
+struct CountingSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    io: Arc<IoCounters>,
+}
+
+impl AsyncUdpSocket for CountingSocket {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> std::io::Result<()> {
+        self.io.send_calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let res = self.inner.poll_recv(cx, bufs, meta);
+        if res.is_ready() {
+            self.io.recv_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }
 
 #[derive(Clone)]
-struct QuicConn {
+pub(crate) struct QuicConn {
     id: u64,
     conn: quinn::Connection,
     max_frame: usize,
@@ -216,16 +286,18 @@ impl QuicConn {
             max_frame,
         }
     }
-    fn send_half(&self, s: quinn::SendStream) -> Box<dyn FrameSend> {
-        Box::new(QuicSend {
+    fn send_half(&self, s: quinn::SendStream) -> SendStream {
+        SendStream::Quic(QuicSend {
             stream: s,
             max_frame: self.max_frame,
+            chunks: Vec::new(),
         })
     }
-    fn recv_half(&self, r: quinn::RecvStream) -> Box<dyn FrameRecv> {
-        Box::new(QuicRecv {
+    fn recv_half(&self, r: quinn::RecvStream) -> RecvStream {
+        RecvStream::Quic(QuicRecv {
             stream: r,
-            max_frame: self.max_frame,
+            decoder: frame::Decoder::new(self.max_frame),
+            ended: None,
         })
     }
 }
@@ -267,104 +339,126 @@ fn write_error(e: WriteError) -> TransportError {
     }
 }
 
-#[async_trait]
-impl Connection for QuicConn {
-    fn id(&self) -> u64 {
+impl QuicConn {
+    pub(crate) fn id(&self) -> u64 {
         self.id
     }
 
-    fn remote_addr(&self) -> SocketAddr {
+    pub(crate) fn remote_addr(&self) -> SocketAddr {
         self.conn.remote_address()
     }
 
-    async fn open_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError> {
+    pub(crate) async fn open_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let (s, r) = self.conn.open_bi().await.map_err(|e| conn_error(&e))?;
         Ok((self.send_half(s), self.recv_half(r)))
     }
 
-    async fn accept_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError> {
+    pub(crate) async fn accept_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let (s, r) = self.conn.accept_bi().await.map_err(|e| conn_error(&e))?;
         Ok((self.send_half(s), self.recv_half(r)))
     }
 
-    async fn open_uni(&self) -> Result<Box<dyn FrameSend>, TransportError> {
+    pub(crate) async fn open_uni(&self) -> Result<SendStream, TransportError> {
         let s = self.conn.open_uni().await.map_err(|e| conn_error(&e))?;
         Ok(self.send_half(s))
     }
 
-    async fn accept_uni(&self) -> Result<Box<dyn FrameRecv>, TransportError> {
+    pub(crate) async fn accept_uni(&self) -> Result<RecvStream, TransportError> {
         let r = self.conn.accept_uni().await.map_err(|e| conn_error(&e))?;
         Ok(self.recv_half(r))
     }
 
-    fn close(&self, code: CloseCode, reason: &str) {
+    pub(crate) fn close(&self, code: CloseCode, reason: &str) {
         self.conn
             .close(VarInt::from_u32(code as u32), reason.as_bytes());
     }
 }
 
-struct QuicSend {
+pub(crate) struct QuicSend {
     stream: quinn::SendStream,
     max_frame: usize,
+    /// Reused for the encoded chunks of each batch.
+    chunks: Vec<Bytes>,
 }
 
-#[async_trait]
-impl FrameSend for QuicSend {
-    async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
-        if frame.len() > self.max_frame {
-            return Err(TransportError::FrameTooLarge {
-                size: frame.len() as u64,
-                max: self.max_frame,
-            });
-        }
-        let header = Bytes::copy_from_slice(&(frame.len() as u32).to_be_bytes());
-        self.stream
-            .write_all_chunks(&mut [header, frame])
+impl QuicSend {
+    /// One `write_chunks` for the whole batch: quinn queues it at once, so its connection
+    /// driver wakes once and packs the frames into as few packets as fit.
+    pub(crate) async fn send_batch(&mut self, frames: &[Bytes]) -> Result<(), TransportError> {
+        frame::check(frames, self.max_frame)?;
+        self.chunks.clear();
+        frame::encode(frames, &mut self.chunks);
+        let res = self
+            .stream
+            .write_all_chunks(&mut self.chunks)
             .await
-            .map_err(write_error)
+            .map_err(write_error);
+        self.chunks.clear();
+        res
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         // Only fails if the stream is already finished or reset: nothing left to do then.
         let _ = self.stream.finish();
     }
 }
 
-struct QuicRecv {
+pub(crate) struct QuicRecv {
     stream: quinn::RecvStream,
-    max_frame: usize,
+    decoder: frame::Decoder,
+    /// How the stream ended, when `try_recv` saw it (quinn reports a reset only once).
+    ended: Option<Result<(), TransportError>>,
 }
 
 /// Error code sent when we stop reading a stream because of a bad frame.
 const STOP_BAD_FRAME: u32 = 1;
 
-#[async_trait]
-impl FrameRecv for QuicRecv {
-    async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
-        let mut header = [0u8; 4];
-        match self.stream.read_exact(&mut header).await {
-            Ok(()) => {}
-            Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(ReadExactError::FinishedEarly(_)) => return Err(TransportError::Truncated),
-            Err(ReadExactError::ReadError(e)) => return Err(read_error(e)),
-        }
-        let len = u32::from_be_bytes(header) as usize;
-        if len > self.max_frame {
-            let _ = self.stream.stop(VarInt::from_u32(STOP_BAD_FRAME));
-            return Err(TransportError::FrameTooLarge {
-                size: len as u64,
-                max: self.max_frame,
-            });
-        }
-        // Grow with the data actually received, never with the announced length alone.
-        let mut buf = BytesMut::with_capacity(len.min(64 * 1024));
-        while buf.len() < len {
-            match self.stream.read_chunk(len - buf.len(), true).await {
-                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => return Err(TransportError::Truncated),
-                Err(e) => return Err(read_error(e)),
+impl QuicRecv {
+    /// The next frame from what was received, reading chunks as quinn delivers them (a chunk
+    /// holds many small frames: one read, many frames).
+    pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+        loop {
+            if let Some(frame) = self.decoded()? {
+                return Ok(Some(frame));
+            }
+            let read = match self.ended.take() {
+                Some(ended) => ended.map(|()| None),
+                None => self
+                    .stream
+                    .read_chunk(usize::MAX, true)
+                    .await
+                    .map(|c| c.map(|c| c.bytes))
+                    .map_err(read_error),
+            };
+            match read? {
+                Some(chunk) => self.decoder.push(chunk),
+                None if self.decoder.is_empty() => return Ok(None),
+                None => return Err(TransportError::Truncated),
             }
         }
-        Ok(Some(buf.freeze()))
+    }
+
+    pub(crate) fn try_recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+        loop {
+            if let Some(frame) = self.decoded()? {
+                return Ok(Some(frame));
+            }
+            // Take what quinn already holds; errors and the end show on the next `recv`.
+            if self.ended.is_some() {
+                return Ok(None);
+            }
+            match self.stream.read_chunk(usize::MAX, true).now_or_never() {
+                Some(Ok(Some(chunk))) => self.decoder.push(chunk.bytes),
+                Some(Ok(None)) => self.ended = Some(Ok(())),
+                Some(Err(e)) => self.ended = Some(Err(read_error(e))),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    fn decoded(&mut self) -> Result<Option<Bytes>, TransportError> {
+        self.decoder.next().inspect_err(|_| {
+            let _ = self.stream.stop(VarInt::from_u32(STOP_BAD_FRAME));
+        })
     }
 }

@@ -29,7 +29,6 @@ use std::{
     time::Duration,
 };
 
-use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use rustls_pki_types::ServerName;
@@ -48,8 +47,8 @@ use tokio_tungstenite::{
 use tracing::{debug, warn};
 
 use super::{
-    CloseCode, Connection, FrameRecv, FrameSend, Handshakes, MAX_PENDING_HANDSHAKES, Transport,
-    TransportError, TransportSettings,
+    CloseCode, Conn, Handshakes, IoCounters, MAX_PENDING_HANDSHAKES, RecvStream, SendStream,
+    TransportError, TransportSettings, frame,
 };
 use crate::{error::Error, tls::TlsConfig};
 
@@ -73,7 +72,7 @@ const CREDIT: u8 = 5;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1 << 40);
 
-type TlsStream = tokio_rustls::TlsStream<TcpStream>;
+type TlsStream = tokio_rustls::TlsStream<Counted<TcpStream>>;
 type Ws = WebSocketStream<TlsStream>;
 
 fn mux(kind: u8, id: u32, payload: &[u8]) -> Message {
@@ -111,6 +110,71 @@ pub(crate) struct WsTransport {
 struct Counters {
     refused: Arc<AtomicU64>,
     protocol: AtomicU64,
+    io: Arc<IoCounters>,
+}
+
+/// A socket that counts the system calls made on it.
+struct Counted<S> {
+    inner: S,
+    io: Arc<IoCounters>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if res.is_ready() {
+            self.io.recv_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if res.is_ready() {
+            self.io.send_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if res.is_ready() {
+            self.io.send_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 impl WsTransport {
@@ -195,6 +259,10 @@ async fn accept_loop(
         // Refused when full: dropping the TCP stream closes it.
         handshakes.start(remote, async move {
             let _ = tcp.set_nodelay(true);
+            let tcp = Counted {
+                inner: tcp,
+                io: counters.io.clone(),
+            };
             let tls = acceptor
                 .accept(tcp)
                 .await
@@ -213,16 +281,19 @@ async fn accept_loop(
     }
 }
 
-#[async_trait]
-impl Transport for WsTransport {
-    fn local_addr(&self) -> SocketAddr {
+impl WsTransport {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Box<dyn Connection>, TransportError> {
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Conn, TransportError> {
         let connect = async {
             let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
             let _ = tcp.set_nodelay(true);
+            let tcp = Counted {
+                inner: tcp,
+                io: self.counters.io.clone(),
+            };
             let connector = self
                 .connector
                 .read()
@@ -247,7 +318,7 @@ impl Transport for WsTransport {
             .await
             .map_err(|_| TransportError::Connect(format!("timed out dialing {addr}")))?
             .map_err(TransportError::Connect)?;
-        Ok(Box::new(WsConn::start(
+        Ok(Conn::Ws(WsConn::start(
             ws,
             addr,
             true,
@@ -257,22 +328,26 @@ impl Transport for WsTransport {
         )))
     }
 
-    async fn accept(&self) -> Result<Box<dyn Connection>, TransportError> {
+    pub(crate) async fn accept(&self) -> Result<Conn, TransportError> {
         match self.accepted_rx.lock().await.recv().await {
-            Some(conn) => Ok(Box::new(conn)),
+            Some(conn) => Ok(Conn::Ws(conn)),
             None => Err(TransportError::EndpointClosed),
         }
     }
 
-    fn close(&self) {
+    pub(crate) fn close(&self) {
         self.closed.send_replace(true);
     }
 
-    fn handshake_failures(&self) -> u64 {
+    pub(crate) fn handshake_failures(&self) -> u64 {
         self.counters.refused.load(Ordering::Relaxed)
     }
 
-    fn reload_tls(&self, tls: &TlsConfig) -> Result<(), Error> {
+    pub(crate) fn io(&self) -> &IoCounters {
+        &self.counters.io
+    }
+
+    pub(crate) fn reload_tls(&self, tls: &TlsConfig) -> Result<(), Error> {
         let (server, client) = tls.transport_configs(ALPN)?;
         *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
             TlsAcceptor::from(Arc::new(server));
@@ -281,7 +356,7 @@ impl Transport for WsTransport {
         Ok(())
     }
 
-    fn protocol_errors(&self) -> u64 {
+    pub(crate) fn protocol_errors(&self) -> u64 {
         self.counters.protocol.load(Ordering::Relaxed)
     }
 }
@@ -297,6 +372,14 @@ struct Credit {
 enum Item {
     Frame(Bytes),
     Fin,
+}
+
+/// What stream halves hand to the connection's writer, in order.
+enum Out {
+    /// A mux message as it is.
+    Msg(Message),
+    /// Frames of stream `id`: one `DATA` message each, written together.
+    Data { id: u32, frames: Vec<Bytes> },
 }
 
 /// The connection's view of one stream.
@@ -315,7 +398,7 @@ struct Inner {
     max_frame: usize,
     dialer: bool,
     next_id: AtomicU32,
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Out>,
     ctrl: mpsc::UnboundedSender<Message>,
     streams: Mutex<HashMap<u32, Entry>>,
     accept_bi: AsyncMutex<mpsc::Receiver<(WsSend, WsRecv)>>,
@@ -402,7 +485,7 @@ impl Inner {
 }
 
 #[derive(Clone)]
-struct WsConn {
+pub(crate) struct WsConn {
     inner: Arc<Inner>,
     _owner: Arc<ConnOwner>,
 }
@@ -528,38 +611,82 @@ impl WsConn {
         let id = self.inner.next_id.fetch_add(2, Ordering::Relaxed);
         let (send, recv) = self.halves(id, Some(Arc::new(permit)), bi);
         let kind = if bi { OPEN_BI } else { OPEN_UNI };
-        self.inner.out.send(mux(kind, id, &[])).await.map_err(|_| {
-            self.inner
-                .closed_error()
-                .unwrap_or(TransportError::EndpointClosed)
-        })?;
+        self.inner
+            .out
+            .send(Out::Msg(mux(kind, id, &[])))
+            .await
+            .map_err(|_| {
+                self.inner
+                    .closed_error()
+                    .unwrap_or(TransportError::EndpointClosed)
+            })?;
         Ok((send, recv))
     }
 }
 
+/// Messages written between two flushes at most (a bound on the writer's buffer).
+const MAX_FEED: usize = 1024;
+
+/// Writes what the streams queued: everything already queued is handed to the WebSocket
+/// before one flush, so a burst of frames leaves in one TLS write (one `writev`), not one
+/// each. Control messages (credit, reset, close) go first.
 async fn write_loop(
     inner: Arc<Inner>,
     mut sink: futures_util::stream::SplitSink<Ws, Message>,
-    mut out: mpsc::Receiver<Message>,
+    mut out: mpsc::Receiver<Out>,
     mut ctrl: mpsc::UnboundedReceiver<Message>,
     keep_alive: Duration,
 ) {
     let mut ping = tokio::time::interval(keep_alive);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let msg = tokio::select! {
+    let fail = |e: tungstenite::Error| {
+        inner.set_closed(TransportError::Closed {
+            code: None,
+            reason: format!("write failed: {e}"),
+        });
+    };
+    'run: loop {
+        let mut next = Some(tokio::select! {
             biased;
-            Some(m) = ctrl.recv() => m,
-            Some(m) = out.recv() => m,
-            _ = ping.tick() => Message::Ping(Bytes::new()),
+            Some(m) = ctrl.recv() => Out::Msg(m),
+            Some(o) = out.recv() => o,
+            _ = ping.tick() => Out::Msg(Message::Ping(Bytes::new())),
             else => break,
-        };
-        let closing = matches!(msg, Message::Close(_));
-        if let Err(e) = sink.send(msg).await {
-            inner.set_closed(TransportError::Closed {
-                code: None,
-                reason: format!("write failed: {e}"),
-            });
+        });
+        let (mut fed, mut closing) = (0, false);
+        while let Some(item) = next.take() {
+            let res = match item {
+                Out::Msg(m) => {
+                    closing = matches!(m, Message::Close(_));
+                    fed += 1;
+                    sink.feed(m).await
+                }
+                Out::Data { id, frames } => {
+                    let mut res = Ok(());
+                    for f in &frames {
+                        fed += 1;
+                        res = sink.feed(mux(DATA, id, f)).await;
+                        if res.is_err() {
+                            break;
+                        }
+                    }
+                    res
+                }
+            };
+            if let Err(e) = res {
+                fail(e);
+                break 'run;
+            }
+            if closing || fed >= MAX_FEED {
+                break;
+            }
+            next = match ctrl.try_recv() {
+                Ok(m) => Some(Out::Msg(m)),
+                Err(_) => out.try_recv().ok(),
+            };
+        }
+        if let Err(e) = sink.flush().await {
+            fail(e);
             break;
         }
         if closing {
@@ -768,59 +895,58 @@ async fn read_loop(
     inner.set_closed(err);
 }
 
-#[async_trait]
-impl Connection for WsConn {
-    fn id(&self) -> u64 {
+impl WsConn {
+    pub(crate) fn id(&self) -> u64 {
         self.inner.id
     }
 
-    fn remote_addr(&self) -> SocketAddr {
+    pub(crate) fn remote_addr(&self) -> SocketAddr {
         self.inner.remote
     }
 
-    async fn open_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError> {
+    pub(crate) async fn open_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let (send, recv) = self.open(true).await?;
         let recv = recv.ok_or(TransportError::EndpointClosed)?;
-        Ok((Box::new(send), Box::new(recv)))
+        Ok((SendStream::Ws(send), RecvStream::Ws(recv)))
     }
 
-    async fn accept_bi(&self) -> Result<(Box<dyn FrameSend>, Box<dyn FrameRecv>), TransportError> {
+    pub(crate) async fn accept_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let mut rx = self.inner.accept_bi.lock().await;
         tokio::select! {
             biased; // streams already opened are delivered before the close
             got = rx.recv() => match got {
-                Some((s, r)) => Ok((Box::new(s), Box::new(r))),
+                Some((s, r)) => Ok((SendStream::Ws(s), RecvStream::Ws(r))),
                 None => Err(self.inner.closed_error().unwrap_or(TransportError::EndpointClosed)),
             },
             e = self.inner.wait_closed() => Err(e),
         }
     }
 
-    async fn open_uni(&self) -> Result<Box<dyn FrameSend>, TransportError> {
+    pub(crate) async fn open_uni(&self) -> Result<SendStream, TransportError> {
         let (send, _) = self.open(false).await?;
-        Ok(Box::new(send))
+        Ok(SendStream::Ws(send))
     }
 
-    async fn accept_uni(&self) -> Result<Box<dyn FrameRecv>, TransportError> {
+    pub(crate) async fn accept_uni(&self) -> Result<RecvStream, TransportError> {
         let mut rx = self.inner.accept_uni.lock().await;
         tokio::select! {
             biased; // streams already opened are delivered before the close
             got = rx.recv() => match got {
-                Some(r) => Ok(Box::new(r)),
+                Some(r) => Ok(RecvStream::Ws(r)),
                 None => Err(self.inner.closed_error().unwrap_or(TransportError::EndpointClosed)),
             },
             e = self.inner.wait_closed() => Err(e),
         }
     }
 
-    fn close(&self, code: CloseCode, reason: &str) {
+    pub(crate) fn close(&self, code: CloseCode, reason: &str) {
         if self.inner.closed_error().is_none() {
             self.inner.close_with(code, reason);
         }
     }
 }
 
-struct WsSend {
+pub(crate) struct WsSend {
     id: u32,
     inner: Arc<Inner>,
     credit: Arc<Credit>,
@@ -843,7 +969,8 @@ impl WsSend {
             }
             {
                 let mut avail = self.credit.avail.lock().unwrap_or_else(|e| e.into_inner());
-                // A frame may overdraw the window once: the receiver allows WINDOW + one frame.
+                // A send may overdraw the window once: the receiver allows WINDOW + one
+                // frame, and a batch is taken frame by frame.
                 if *avail > 0 {
                     *avail -= len as i64;
                     return Ok(());
@@ -855,41 +982,54 @@ impl WsSend {
             }
         }
     }
-}
 
-#[async_trait]
-impl FrameSend for WsSend {
-    async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
-        if frame.len() > self.inner.max_frame {
-            return Err(TransportError::FrameTooLarge {
-                size: frame.len() as u64,
-                max: self.inner.max_frame,
-            });
-        }
+    /// Hand the frames to the connection's writer as one item: it writes them with whatever
+    /// else is queued, then flushes once.
+    pub(crate) async fn send_batch(&mut self, frames: &[Bytes]) -> Result<(), TransportError> {
+        frame::check(frames, self.inner.max_frame)?;
         if self.finished {
             return Err(TransportError::Io("stream already finished".into()));
         }
-        self.take_credit(frame.len()).await?;
-        tokio::select! {
-            res = self.inner.out.send(mux(DATA, self.id, &frame)) => {
-                res.map_err(|_| self.inner.closed_error().unwrap_or(TransportError::EndpointClosed))
+        // Credit per frame: the receiver tolerates one frame beyond its window, not a batch.
+        let mut start = 0;
+        while start < frames.len() {
+            self.take_credit(frames[start].len()).await?;
+            let mut end = start + 1;
+            {
+                let mut avail = self.credit.avail.lock().unwrap_or_else(|e| e.into_inner());
+                while end < frames.len() && *avail >= frames[end].len() as i64 {
+                    *avail -= frames[end].len() as i64;
+                    end += 1;
+                }
             }
-            e = self.inner.wait_closed() => Err(e),
+            let item = Out::Data {
+                id: self.id,
+                frames: frames[start..end].to_vec(),
+            };
+            tokio::select! {
+                res = self.inner.out.send(item) => {
+                    res.map_err(|_| self.inner.closed_error().unwrap_or(TransportError::EndpointClosed))?;
+                }
+                e = self.inner.wait_closed() => return Err(e),
+            }
+            start = end;
         }
+        Ok(())
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if !self.finished {
             self.finished = true;
             // FIN goes on the data path (control messages overtake data): it must follow the
             // frames already queued for this stream.
             let id = self.id;
-            if self.inner.out.try_send(mux(FIN, id, &[])).is_err()
+            let fin = move || Out::Msg(mux(FIN, id, &[]));
+            if self.inner.out.try_send(fin()).is_err()
                 && let Ok(rt) = tokio::runtime::Handle::try_current()
             {
                 let inner = self.inner.clone();
                 rt.spawn(async move {
-                    let _ = inner.out.send(mux(FIN, id, &[])).await;
+                    let _ = inner.out.send(fin()).await;
                 });
             }
         }
@@ -904,7 +1044,7 @@ impl Drop for WsSend {
     }
 }
 
-struct WsRecv {
+pub(crate) struct WsRecv {
     id: u32,
     inner: Arc<Inner>,
     rx: mpsc::UnboundedReceiver<Item>,
@@ -913,9 +1053,8 @@ struct WsRecv {
     _permit: Option<Arc<OwnedSemaphorePermit>>,
 }
 
-#[async_trait]
-impl FrameRecv for WsRecv {
-    async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+impl WsRecv {
+    pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
         if self.done {
             return Ok(None);
         }
@@ -924,6 +1063,25 @@ impl FrameRecv for WsRecv {
             item = self.rx.recv() => item,
             e = self.inner.wait_closed() => return Err(e),
         };
+        self.take(item)
+    }
+
+    pub(crate) fn try_recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.rx.try_recv() {
+            // Only frames: the end and failures show on the next `recv`.
+            Ok(Item::Frame(f)) => self.take(Some(Item::Frame(f))),
+            Ok(Item::Fin) => {
+                self.done = true;
+                Ok(None)
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn take(&mut self, item: Option<Item>) -> Result<Option<Bytes>, TransportError> {
         match item {
             Some(Item::Frame(f)) => {
                 if f.len() > self.inner.max_frame {

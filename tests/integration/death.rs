@@ -117,6 +117,59 @@ async fn slow_peer_is_cut_off_without_stalling_the_others(
     Ok(())
 }
 
+async fn stalled_peer_is_cut_off_by_the_write_deadline(kind: TransportKind) -> anyhow::Result<()> {
+    // The default queue (64 MiB: a burst never fills it), a short write deadline, and a
+    // patient failure detector: only the deadline can cut the frozen peer off.
+    let c = Cluster::start_with(kind, 2, |cfg| {
+        cfg.with_slow_peer_timeout(Duration::from_millis(500))
+            .with_phi_threshold(40.0)
+    })
+    .await?;
+    let certs = TempDir::new("stalled");
+    let stalled = c.join_process(&certs, &[]).await?;
+    let mut healthy = c.nodes[1].client(&["/"]).await?;
+    stalled.signal("STOP").await?;
+
+    // Closed loop to the healthy peer, until the frozen one is cut off: once its transport
+    // window is full, no command is accepted, and the deadline passes.
+    let payload = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    let started = Instant::now();
+    let mut i = 0u32;
+    while c.nodes[0].mesh.stats().slow_peer_cutoffs == 0 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "not cut off: {:?}",
+            c.nodes[0].mesh.stats()
+        );
+        c.nodes[0]
+            .io
+            .emit("big", &(i, payload.clone()))
+            .await
+            .sio()?;
+        let p = healthy.event("/", "big").await?;
+        assert_eq!(p.args()[0], serde_json::json!(i));
+        i += 1;
+    }
+    let stats = c.nodes[0].mesh.stats();
+    assert!(
+        stats.commands_lost >= 1,
+        "the stalled batch is counted: {stats:?}"
+    );
+    // The healthy peer goes on receiving.
+    c.nodes[0]
+        .io
+        .emit("big", &(i, payload.clone()))
+        .await
+        .sio()?;
+    assert_eq!(
+        healthy.event("/", "big").await?.args()[0],
+        serde_json::json!(i)
+    );
+    let mut stalled = stalled;
+    stalled.child.kill().await?;
+    Ok(())
+}
+
 async fn killed_node_restarted_in_place_rejoins(kind: TransportKind) -> anyhow::Result<()> {
     logs();
     let ca = socketioxide_mesh::DevCa::generate("restart CA")?;
@@ -145,5 +198,6 @@ both_transports!(
     killed_node_ends_inflight_requests_early,
     graceful_shutdown_is_noticed_at_once,
     killed_node_restarted_in_place_rejoins,
-    slow_peer_is_cut_off_without_stalling_the_others
+    slow_peer_is_cut_off_without_stalling_the_others,
+    stalled_peer_is_cut_off_by_the_write_deadline
 );

@@ -1,0 +1,232 @@
+//! The server side of the benchmark: a child process hosting every Socket.IO node of one
+//! backend on one tokio runtime (so the single node and the cluster get the same two worker
+//! threads), driven over stdin/stdout by the orchestrator.
+//!
+//! Protocol: the child prints one JSON line `{"addrs": [...]}` once every node serves and the
+//! cluster has formed; then each `stats` line on stdin is answered by one JSON line of
+//! counters; end of stdin stops it.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use std::future::IntoFuture;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use socketioxide::{
+    SocketIo,
+    adapter::{Adapter, Emitter, LocalAdapter},
+    extract::{Data, SocketRef},
+    handler::ConnectHandler,
+};
+use socketioxide_mesh::{DevCa, Mesh, MeshAdapter, MeshConfig, StaticSeeds, TransportKind};
+use socketioxide_redis::{RedisAdapter, RedisAdapterCtr, drivers::redis::redis_client as redis};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// Per-socket packet buffer of every backend (socketioxide's default is 128). The same for
+/// all backends; large enough that a burst is not mistaken for loss.
+pub const SOCKET_BUFFER: usize = 4096;
+
+/// The message clients publish and receive: a send timestamp and a 64-byte-ish payload.
+#[derive(Serialize, Deserialize)]
+pub struct Msg {
+    pub t: u64,
+    pub p: String,
+}
+
+#[derive(Deserialize)]
+struct Auth {
+    room: String,
+}
+
+/// What the child reports on `stats`.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct ServerStats {
+    /// Broadcasts the nodes' handlers issued (publishes seen by the server).
+    pub publishes: u64,
+    /// Commands written to peers (mesh only), summed over nodes.
+    pub commands_sent: u64,
+    pub commands_received: u64,
+    pub commands_lost: u64,
+    pub volatile_dropped: u64,
+    pub slow_peer_cutoffs: u64,
+    /// Send / receive system calls on the peer sockets (mesh only).
+    pub peer_send_calls: u64,
+    pub peer_recv_calls: u64,
+    /// Frames written to peers in one call, summed: `peer_batches` calls carried them.
+    pub peer_batches: u64,
+    /// Packets socketioxide dropped because a socket's buffer was full (mesh only: counted on
+    /// remote broadcasts).
+    pub socket_drops: u64,
+}
+
+pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
+    let (nodes, redis_url) = (args.nodes, args.redis_url.as_str());
+    let publishes = Arc::new(AtomicU64::new(0));
+    let mut addrs = Vec::new();
+    let mut meshes = Vec::new();
+    match backend {
+        "local" => {
+            addrs.push(start_node::<LocalAdapter>((), &publishes).await?);
+        }
+        "mesh-quic" | "mesh-ws" => {
+            let kind = if backend == "mesh-quic" {
+                TransportKind::Quic
+            } else {
+                TransportKind::Ws
+            };
+            let ca = DevCa::generate("bench")?;
+            let mut seed = None;
+            for i in 0..nodes {
+                let mut cfg = MeshConfig::local(ca.node_tls(&format!("n{i}"))?)
+                    .with_transport(kind)
+                    .with_gossip_interval(Duration::from_millis(100))
+                    .with_cluster_id("bench");
+                if let Some(us) = args.batch_delay_us {
+                    cfg = cfg.with_batch_delay(Duration::from_micros(us));
+                }
+                if let Some(seed) = seed {
+                    cfg = cfg.with_seeds(StaticSeeds::new([format!("{seed}")]));
+                }
+                let mesh = Mesh::start(cfg).await?;
+                seed.get_or_insert(mesh.advertise_addr());
+                meshes.push(mesh);
+            }
+            for mesh in &meshes {
+                let mut m = mesh.watch_members();
+                tokio::time::timeout(
+                    Duration::from_secs(20),
+                    m.wait_for(|m| m.len() == nodes - 1),
+                )
+                .await
+                .context("mesh did not form")??;
+            }
+            for mesh in &meshes {
+                addrs.push(start_node::<MeshAdapter<Emitter>>(mesh.clone(), &publishes).await?);
+            }
+        }
+        "redis" => {
+            let client = redis::Client::open(redis_url)?;
+            for _ in 0..nodes {
+                let state = RedisAdapterCtr::new_with_redis(&client)
+                    .await
+                    .context("connect to redis")?;
+                addrs.push(start_node::<RedisAdapter<Emitter>>(state, &publishes).await?);
+            }
+        }
+        other => anyhow::bail!("unknown backend {other}"),
+    }
+    let mut out = tokio::io::stdout();
+    out.write_all(format!("{}\n", serde_json::json!({ "addrs": addrs })).as_bytes())
+        .await?;
+    out.flush().await?;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.trim() == "stats" {
+            let stats = collect(&meshes, &publishes);
+            out.write_all(format!("{}\n", serde_json::to_string(&stats)?).as_bytes())
+                .await?;
+            out.flush().await?;
+        }
+    }
+    for mesh in meshes {
+        mesh.shutdown().await;
+    }
+    Ok(())
+}
+
+fn collect(meshes: &[Mesh], publishes: &AtomicU64) -> ServerStats {
+    let mut s = ServerStats {
+        publishes: publishes.load(Ordering::Relaxed),
+        ..Default::default()
+    };
+    for m in meshes {
+        let st = m.stats();
+        s.commands_sent += st.commands_sent;
+        s.commands_received += st.commands_received;
+        s.commands_lost += st.commands_lost;
+        s.volatile_dropped += st.volatile_dropped;
+        s.slow_peer_cutoffs += st.slow_peer_cutoffs;
+        s.peer_send_calls += st.peer_send_calls;
+        s.peer_recv_calls += st.peer_recv_calls;
+        s.peer_batches += st.batches_sent;
+        s.socket_drops += st.socket_buffer_drops;
+    }
+    s
+}
+
+/// One Socket.IO node on an OS-chosen port: clients join the room named in their auth
+/// payload; `pub` broadcasts to the publisher's room (itself included), `all` to everyone.
+async fn start_node<A>(state: A::State, publishes: &Arc<AtomicU64>) -> anyhow::Result<SocketAddr>
+where
+    A: Adapter + socketioxide_core::adapter::DefinedAdapter,
+    A::InitRes: NsInit,
+{
+    let (layer, io) = SocketIo::builder()
+        .max_buffer_size(SOCKET_BUFFER)
+        .with_adapter::<A>(state)
+        .build_layer();
+    let publishes = publishes.clone();
+    // Handlers are registered in a connect middleware: socketioxide 0.18 answers the connect
+    // before an async connect handler runs, and a first event could be missed.
+    let register = move |s: SocketRef<A>, Data(auth): Data<Auth>| {
+        let publishes = publishes.clone();
+        async move {
+            s.join(auth.room.clone());
+            let room = auth.room;
+            let p1 = publishes.clone();
+            s.on("pub", async move |s: SocketRef<A>, Data(m): Data<Msg>| {
+                p1.fetch_add(1, Ordering::Relaxed);
+                let _ = s.within(room.clone()).emit("m", &m).await;
+            });
+            s.on("all", async move |io: SocketIo<A>, Data(m): Data<Msg>| {
+                publishes.fetch_add(1, Ordering::Relaxed);
+                let _ = io.emit("m", &m).await;
+            });
+            Ok::<(), std::convert::Infallible>(())
+        }
+    };
+    io.ns("/", (async || {}).with(register)).wait().await?;
+    let app = axum::Router::new().layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    // Without TCP_NODELAY, Nagle and delayed ACKs hold small messages for ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    Ok(addr)
+}
+
+/// What `io.ns(..)` returns, per adapter: nothing for the local adapter, a future otherwise.
+pub trait NsInit {
+    fn wait(self) -> futures_util::future::BoxFuture<'static, anyhow::Result<()>>;
+}
+
+impl NsInit for () {
+    fn wait(self) -> futures_util::future::BoxFuture<'static, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl NsInit for socketioxide_mesh::adapter::InitRes {
+    fn wait(self) -> futures_util::future::BoxFuture<'static, anyhow::Result<()>> {
+        Box::pin(async move { self.await.map_err(|e| anyhow::anyhow!("namespace: {e}")) })
+    }
+}
+
+impl<R: socketioxide_redis::drivers::Driver> NsInit for socketioxide_redis::InitRes<R> {
+    fn wait(self) -> futures_util::future::BoxFuture<'static, anyhow::Result<()>> {
+        Box::pin(async move {
+            self.into_future()
+                .await
+                .map_err(|e| anyhow::anyhow!("namespace: {e}"))
+        })
+    }
+}
