@@ -193,12 +193,10 @@ impl TlsConfig {
     /// The server and client configs of a transport speaking `alpn`.
     pub(crate) fn transport_configs(
         &self,
-        alpn: &[u8],
+        alpn: &[&[u8]],
     ) -> Result<(rustls::ServerConfig, rustls::ClientConfig), crate::ConfigError> {
-        Ok((
-            self.server_config(vec![alpn.to_vec()])?,
-            self.client_config(vec![alpn.to_vec()])?,
-        ))
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok((self.server_config(alpn.clone())?, self.client_config(alpn)?))
     }
 
     /// A TLS 1.3 server config that requires a client certificate from the cluster CA.

@@ -100,7 +100,7 @@ pub(crate) enum Command {
     DisconnectSockets { ns: Str, opts: BroadcastOptions },
     /// A server-side event for the handlers registered with [`crate::Mesh::on_server_event`].
     #[serde(rename = "4")]
-    ServerEvent { event: String, data: ByteBuf },
+    ServerEvent { event: String, data: WireBytes },
 }
 
 impl Command {
@@ -192,7 +192,7 @@ pub(crate) enum Query {
         timeout_ms: Option<u64>,
     },
     #[serde(rename = "3")]
-    ServerEventWithAck { event: String, data: ByteBuf },
+    ServerEventWithAck { event: String, data: WireBytes },
 }
 
 impl Query {
@@ -266,21 +266,70 @@ impl Serialize for WireValueRef<'_> {
 
 impl<'de> Deserialize<'de> for WireValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (tag, data, bins): (u8, ByteBuf, Option<Vec<ByteBuf>>) = Deserialize::deserialize(d)?;
+        let (tag, data, bins): (u8, WireBytes, Option<Vec<WireBytes>>) =
+            Deserialize::deserialize(d)?;
         let value = match tag {
             0 => {
-                let text = String::from_utf8(data.into_vec()).map_err(serde::de::Error::custom)?;
-                let bins = bins.map(|b| {
-                    b.into_iter()
-                        .map(|b| Bytes::from(b.into_vec()))
-                        .collect::<VecDeque<_>>()
-                });
-                Value::Str(Str::from(text), bins)
+                std::str::from_utf8(&data.0).map_err(serde::de::Error::custom)?;
+                // SAFETY: `data` was just checked to be UTF-8, which is all `Str` requires.
+                let text = unsafe { Str::from_bytes_unchecked(data.0) };
+                let bins = bins.map(|b| b.into_iter().map(|b| b.0).collect::<VecDeque<_>>());
+                Value::Str(text, bins)
             }
-            1 => Value::Bytes(Bytes::from(data.into_vec())),
+            1 => Value::Bytes(data.0),
             t => return Err(serde::de::Error::custom(format!("unknown value tag {t}"))),
         };
         Ok(WireValue(value))
+    }
+}
+
+thread_local! {
+    /// The frame being decoded by [`decode_shared`], so that [`WireBytes`] can be slices of it.
+    static FRAME: std::cell::RefCell<Option<Bytes>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Bytes that travel as MessagePack `bin`. Decoded by [`decode_shared`], they are a slice of
+/// the received frame (no copy, no allocation); otherwise a copy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct WireBytes(pub Bytes);
+
+impl Serialize for WireBytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for WireBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = WireBytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_borrowed_bytes<E: serde::de::Error>(
+                self,
+                v: &'de [u8],
+            ) -> Result<WireBytes, E> {
+                let shared = FRAME.with(|frame| {
+                    let frame = frame.borrow();
+                    let frame = frame.as_ref()?;
+                    let inside = frame.as_ptr_range();
+                    let sub = v.as_ptr_range();
+                    (inside.start <= sub.start && sub.end <= inside.end).then(|| frame.slice_ref(v))
+                });
+                Ok(WireBytes(
+                    shared.unwrap_or_else(|| Bytes::copy_from_slice(v)),
+                ))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<WireBytes, E> {
+                Ok(WireBytes(Bytes::copy_from_slice(v)))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<WireBytes, E> {
+                Ok(WireBytes(Bytes::from(v)))
+            }
+        }
+        d.deserialize_bytes(Visitor)
     }
 }
 
@@ -348,8 +397,17 @@ pub(crate) fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, PeerError> 
     rmp_serde::from_slice(frame).map_err(|e| PeerError::Malformed(e.to_string()))
 }
 
-/// Decode a command frame from a peer.
-pub(crate) fn decode_command(frame: &Bytes) -> Result<Command, PeerError> {
+/// Decode a message from an untrusted frame; its payloads ([`WireBytes`], packet data) are
+/// slices of `frame`, not copies.
+pub(crate) fn decode_shared<T: DeserializeOwned>(frame: &Bytes) -> Result<T, PeerError> {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            FRAME.with(|f| f.borrow_mut().take());
+        }
+    }
+    FRAME.with(|f| *f.borrow_mut() = Some(frame.clone()));
+    let _reset = Reset;
     decode(frame)
 }
 
@@ -537,7 +595,7 @@ mod tests {
             },
             Command::ServerEvent {
                 event: "cache:invalidate".into(),
-                data: ByteBuf::from(vec![1, 2, 3]),
+                data: WireBytes(Bytes::from_static(&[1, 2, 3])),
             },
         );
     }
@@ -582,7 +640,7 @@ mod tests {
             },
             Query::ServerEventWithAck {
                 event: "e".into(),
-                data: ByteBuf::from(vec![0xc0]),
+                data: WireBytes(Bytes::from_static(&[0xc0])),
             },
         );
         round_trip(Reply::Sockets {
@@ -692,6 +750,8 @@ mod tests {
         };
         for len in 0..512 {
             let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let _ = decode_shared::<Command>(&Bytes::from(bytes.clone()));
+            let _ = decode_shared::<Query>(&Bytes::from(bytes.clone()));
             let _ = decode::<Command>(&bytes);
             let _ = decode::<Query>(&bytes);
             let _ = decode::<Reply>(&bytes);
@@ -707,6 +767,53 @@ mod tests {
         for cut in 0..frame.len() {
             assert!(decode::<Command>(&frame[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn shared_decoding_slices_payloads_out_of_the_frame() {
+        let bin = Bytes::from(vec![0xabu8; 300]);
+        let text = "[\"ev\",{\"_placeholder\":true,\"num\":0}]";
+        let packet = Packet::event("/", Value::Str(text.into(), Some(vec![bin.clone()].into())));
+        let o = opts();
+        let frame = encode(&CommandRef::Broadcast {
+            ns: "/",
+            opts: &o,
+            packet: PacketRef(&packet),
+        })
+        .unwrap();
+        let inside = |b: &[u8]| {
+            let (f, b) = (frame.as_ptr_range(), b.as_ptr_range());
+            f.start <= b.start && b.end <= f.end
+        };
+        let Command::Broadcast { packet: got, .. } = decode_shared::<Command>(&frame).unwrap()
+        else {
+            panic!("not a broadcast");
+        };
+        assert_eq!(got.0, packet);
+        let (PacketData::Event(Value::Str(t, Some(bins)), _)
+        | PacketData::BinaryEvent(Value::Str(t, Some(bins)), _)) = &got.0.inner
+        else {
+            panic!("not a binary event");
+        };
+        assert!(inside(t.as_bytes()), "text copied");
+        assert!(inside(&bins[0]), "binary copied");
+        // Plain decoding copies, and gives the same value.
+        let Command::Broadcast { packet: copied, .. } = decode::<Command>(&frame).unwrap() else {
+            panic!("not a broadcast");
+        };
+        assert_eq!(copied.0, packet);
+        // Invalid UTF-8 in a text payload is refused, not turned into a `Str`.
+        let bad = Packet::event("/", Value::Str("ok".into(), None));
+        let mut raw = encode(&CommandRef::Broadcast {
+            ns: "/",
+            opts: &o,
+            packet: PacketRef(&bad),
+        })
+        .unwrap()
+        .to_vec();
+        let at = raw.windows(2).position(|w| w == b"ok").unwrap();
+        raw[at] = 0xff;
+        assert!(decode_shared::<Command>(&Bytes::from(raw)).is_err());
     }
 
     #[test]

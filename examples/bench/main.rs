@@ -377,9 +377,14 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
     let (phase_tx, phase_rx) = watch::channel(Phase::Idle);
     let period = Duration::from_secs_f64(n as f64 / f64::from(point.rate.max(1)));
     let mut tasks = Vec::with_capacity(n);
-    for (i, c) in clients.into_iter().enumerate() {
-        // Spread the publishers evenly over the period.
-        let offset = period.mul_f64(i as f64 / n as f64);
+    // Spread the publishers evenly over the period, in a shuffled order: members of a room
+    // publish independently (publishing in room order would send a room's messages in bursts
+    // that every backend then writes to its sockets together, unlike real traffic).
+    let mut slots: Vec<usize> = (0..n).collect();
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    rng.shuffle(&mut slots);
+    for (c, slot) in clients.into_iter().zip(slots) {
+        let offset = period.mul_f64(slot as f64 / n as f64);
         tasks.push(tokio::spawn(c.run(
             point.kind,
             period,

@@ -238,12 +238,12 @@ async fn read_uni_inner(
             // Apply everything that arrived together, then publish the progress once: one
             // wake-up of waiting queries per batch, not per command.
             while let Some(frame) = recv.recv().await? {
-                shared.apply(peer.node_id, wire::decode_command(&frame)?);
+                shared.apply(peer.node_id, wire::decode_shared(&frame)?);
                 let mut n = 1u64;
                 while n < MAX_APPLY_BATCH
                     && let Some(frame) = recv.try_recv()?
                 {
-                    shared.apply(peer.node_id, wire::decode_command(&frame)?);
+                    shared.apply(peer.node_id, wire::decode_shared(&frame)?);
                     n += 1;
                 }
                 shared
@@ -301,7 +301,7 @@ async fn answer_query_inner(
 ) -> Result<(), StreamError> {
     let missing = || PeerError::Malformed("query stream ended early".into());
     let header: QueryHeader = wire::decode(&recv.recv().await?.ok_or_else(missing)?)?;
-    let query: Query = wire::decode(&recv.recv().await?.ok_or_else(missing)?)?;
+    let query: Query = wire::decode_shared(&recv.recv().await?.ok_or_else(missing)?)?;
     // See the commands the peer sent before this query.
     let mut applied = shared.inbound(*peer.node_id).subscribe();
     let wait = applied.wait_for(|n| *n >= header.after_seq);

@@ -651,7 +651,7 @@ impl Shared {
                     handler(ServerEvent {
                         from,
                         event,
-                        data: Bytes::from(data.into_vec()),
+                        data: data.0,
                         ack: None,
                     });
                 }
@@ -687,7 +687,7 @@ impl Shared {
                 handler(ServerEvent {
                     from,
                     event,
-                    data: Bytes::from(data.into_vec()),
+                    data: data.0,
                     ack: Some(tx),
                 });
                 let timeout = self.settings.request_timeout;

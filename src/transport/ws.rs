@@ -12,6 +12,13 @@
 //! | 3 `FIN` | — | the sender finished stream `id` |
 //! | 4 `RESET` | — | the sender stopped reading stream `id`: stop sending on it |
 //! | 5 `CREDIT` | `u32 BE` bytes | the sender consumed that much of stream `id`: send more |
+//! | 6 `DATA_FRAMES` | `(u32 BE length, frame)*` | several frames on stream `id` (version 2) |
+//!
+//! `DATA_FRAMES` carries a batch in one WebSocket message (one header, one mask, one
+//! allocation) instead of one message per frame. It is sent only on connections that
+//! negotiated ALPN `sio-mesh-ws/2`, so nodes of the previous release (`/1`) keep working
+//! beside new ones; a `DATA_FRAMES` message stays under 64 KiB, the smallest frame limit a
+//! node may be configured with.
 //!
 //! The dialer opens odd ids, the acceptor even ones. Each stream direction has a credit
 //! window ([`WINDOW`]): a sender waits for credit instead of filling the receiver's memory, so a
@@ -52,8 +59,12 @@ use super::{
 };
 use crate::{error::Error, tls::TlsConfig};
 
-/// ALPN of the peer protocol over WebSocket.
-pub(crate) const ALPN: &[u8] = b"sio-mesh-ws/1";
+/// ALPN of the peer protocol over WebSocket, version 1: one frame per `DATA` message.
+pub(crate) const ALPN_V1: &[u8] = b"sio-mesh-ws/1";
+/// Version 2 adds `DATA_FRAMES`. Both are offered and accepted, 2 preferred: a node talks
+/// version 1 to a peer of the previous release.
+pub(crate) const ALPN_V2: &[u8] = b"sio-mesh-ws/2";
+const ALPNS: [&[u8]; 2] = [ALPN_V2, ALPN_V1];
 /// The WebSocket request path.
 const PATH: &str = "/sio-mesh";
 /// Credit of each stream direction, in bytes.
@@ -69,6 +80,9 @@ const DATA: u8 = 2;
 const FIN: u8 = 3;
 const RESET: u8 = 4;
 const CREDIT: u8 = 5;
+const DATA_FRAMES: u8 = 6;
+/// A `DATA_FRAMES` message is at most this long (the smallest `max_frame_size` allowed).
+const MAX_FRAMES_MESSAGE: usize = 64 * 1024;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1 << 40);
 
@@ -188,7 +202,7 @@ impl WsTransport {
             addr,
             reason: e.to_string(),
         };
-        let (server_tls, client_tls) = tls.transport_configs(ALPN)?;
+        let (server_tls, client_tls) = tls.transport_configs(&ALPNS)?;
         let server_name = ServerName::try_from(tls.server_name().to_owned()).map_err(|e| {
             Error::Config(crate::ConfigError::Tls(crate::TlsError::Rustls(format!(
                 "invalid server name {:?}: {e}",
@@ -348,7 +362,7 @@ impl WsTransport {
     }
 
     pub(crate) fn reload_tls(&self, tls: &TlsConfig) -> Result<(), Error> {
-        let (server, client) = tls.transport_configs(ALPN)?;
+        let (server, client) = tls.transport_configs(&ALPNS)?;
         *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
             TlsAcceptor::from(Arc::new(server));
         *self.connector.write().unwrap_or_else(|e| e.into_inner()) =
@@ -397,6 +411,8 @@ struct Inner {
     remote: SocketAddr,
     max_frame: usize,
     dialer: bool,
+    /// The peer understands `DATA_FRAMES` (negotiated `sio-mesh-ws/2`).
+    data_frames: bool,
     next_id: AtomicU32,
     out: mpsc::Sender<Out>,
     ctrl: mpsc::UnboundedSender<Message>,
@@ -510,6 +526,11 @@ impl WsConn {
         counters: Arc<Counters>,
         mut endpoint_closed: watch::Receiver<bool>,
     ) -> WsConn {
+        let alpn = match ws.get_ref() {
+            tokio_rustls::TlsStream::Client(s) => s.get_ref().1.alpn_protocol(),
+            tokio_rustls::TlsStream::Server(s) => s.get_ref().1.alpn_protocol(),
+        };
+        let data_frames = alpn == Some(ALPN_V2);
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
         let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
         let (bi_tx, bi_rx) = mpsc::channel(settings.max_concurrent_streams as usize);
@@ -520,6 +541,7 @@ impl WsConn {
             remote,
             max_frame: settings.max_frame_size,
             dialer,
+            data_frames,
             next_id: AtomicU32::new(if dialer { 1 } else { 2 }),
             out: out_tx,
             ctrl: ctrl_tx,
@@ -624,6 +646,38 @@ impl WsConn {
     }
 }
 
+/// The messages carrying `frames` of stream `id`: runs of small frames packed into
+/// `DATA_FRAMES` messages when the peer understands them, a `DATA` message per frame
+/// otherwise (and for a frame too large to share a message).
+fn data_messages(id: u32, frames: &[Bytes], packed: bool) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < frames.len() {
+        // How many frames from `i` fit one DATA_FRAMES message.
+        let mut end = i;
+        let mut size = 5;
+        while packed && end < frames.len() && size + 4 + frames[end].len() <= MAX_FRAMES_MESSAGE {
+            size += 4 + frames[end].len();
+            end += 1;
+        }
+        if end - i >= 2 {
+            let mut buf = BytesMut::with_capacity(size);
+            buf.put_u8(DATA_FRAMES);
+            buf.put_u32(id);
+            for f in &frames[i..end] {
+                buf.put_u32(f.len() as u32);
+                buf.put_slice(f);
+            }
+            out.push(Message::Binary(buf.freeze()));
+            i = end;
+        } else {
+            out.push(mux(DATA, id, &frames[i]));
+            i += 1;
+        }
+    }
+    out
+}
+
 /// Messages written between two flushes at most (a bound on the writer's buffer).
 const MAX_FEED: usize = 1024;
 
@@ -663,9 +717,9 @@ async fn write_loop(
                 }
                 Out::Data { id, frames } => {
                     let mut res = Ok(());
-                    for f in &frames {
+                    for m in data_messages(id, &frames, inner.data_frames) {
                         fed += 1;
-                        res = sink.feed(mux(DATA, id, f)).await;
+                        res = sink.feed(m).await;
                         if res.is_err() {
                             break;
                         }
@@ -694,6 +748,25 @@ async fn write_loop(
         }
     }
     let _ = sink.close().await;
+}
+
+/// The frames of a `DATA_FRAMES` payload, as slices of it.
+fn split_frames(payload: &Bytes) -> Result<Vec<Bytes>, String> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at < payload.len() {
+        let Some(header) = payload.get(at..at + 4) else {
+            return Err("truncated frame header in DATA_FRAMES".into());
+        };
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let start = at + 4;
+        if payload.len() - start < len {
+            return Err("truncated frame in DATA_FRAMES".into());
+        }
+        frames.push(payload.slice(start..start + len));
+        at = start + len;
+    }
+    Ok(frames)
 }
 
 async fn read_loop(
@@ -849,19 +922,38 @@ async fn read_loop(
                     debug!(remote = %inner.remote, "stream refused: accept queue full");
                 }
             }
-            DATA => {
+            DATA | DATA_FRAMES => {
+                let frames = if kind == DATA {
+                    Ok(vec![payload])
+                } else {
+                    split_frames(&payload)
+                };
+                let frames = match frames {
+                    Ok(f) => f,
+                    Err(reason) => {
+                        inner.violation(format!("stream {id}: {reason}"));
+                        continue;
+                    }
+                };
                 let mut streams = inner.streams.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(entry) = streams.get_mut(&id) else {
                     continue; // a stream we abandoned: its late frames are dropped
                 };
-                entry.outstanding += payload.len();
-                if entry.outstanding > WINDOW as usize + inner.max_frame {
+                let mut exceeded = false;
+                for frame in frames {
+                    entry.outstanding += frame.len();
+                    if entry.outstanding > WINDOW as usize + inner.max_frame {
+                        exceeded = true;
+                        break;
+                    }
+                    if let Some(deliver) = &entry.deliver {
+                        let _ = deliver.send(Item::Frame(frame));
+                    }
+                }
+                if exceeded {
                     drop(streams);
                     inner.violation(format!("stream {id} exceeded its credit"));
                     continue;
-                }
-                if let Some(deliver) = &entry.deliver {
-                    let _ = deliver.send(Item::Frame(payload));
                 }
             }
             FIN => {
@@ -1127,5 +1219,82 @@ impl Drop for WsRecv {
             self.inner.control(RESET, self.id, &[]);
         }
         self.inner.release(self.id, true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(m: &Message) -> Bytes {
+        match m {
+            Message::Binary(b) => b.clone(),
+            other => panic!("not binary: {other:?}"),
+        }
+    }
+
+    /// Decode messages back into frames, as the reader does.
+    fn frames_of(messages: &[Message]) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        for m in messages {
+            let b = payload(m);
+            assert_eq!(u32::from_be_bytes([b[1], b[2], b[3], b[4]]), 7, "stream id");
+            match b[0] {
+                DATA => out.push(b.slice(5..)),
+                DATA_FRAMES => out.extend(split_frames(&b.slice(5..)).unwrap()),
+                k => panic!("kind {k}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn small_frames_share_a_message_when_the_peer_understands_it() {
+        let frames: Vec<Bytes> = (0..100u8).map(|i| Bytes::from(vec![i; 100])).collect();
+        let packed = data_messages(7, &frames, true);
+        assert_eq!(packed.len(), 1);
+        assert_eq!(payload(&packed[0])[0], DATA_FRAMES);
+        assert_eq!(frames_of(&packed), frames);
+        // A version 1 peer gets one DATA message per frame.
+        let plain = data_messages(7, &frames, false);
+        assert_eq!(plain.len(), frames.len());
+        assert!(plain.iter().all(|m| payload(m)[0] == DATA));
+        assert_eq!(frames_of(&plain), frames);
+    }
+
+    #[test]
+    fn packed_messages_stay_under_the_smallest_frame_limit() {
+        let frames: Vec<Bytes> = (0..50u8).map(|i| Bytes::from(vec![i; 5000])).collect();
+        let big = Bytes::from(vec![9u8; MAX_FRAMES_MESSAGE]);
+        let mut all = frames.clone();
+        all.insert(20, big);
+        let messages = data_messages(7, &all, true);
+        assert!(messages.len() > 3);
+        for m in &messages {
+            let b = payload(m);
+            if b[0] == DATA_FRAMES {
+                assert!(b.len() <= MAX_FRAMES_MESSAGE, "{} bytes", b.len());
+            }
+        }
+        assert_eq!(
+            frames_of(&messages),
+            all,
+            "order kept around the large frame"
+        );
+    }
+
+    #[test]
+    fn truncated_packed_frames_are_refused() {
+        let frames = [Bytes::from_static(b"abc"), Bytes::from_static(b"de")];
+        let b = payload(&data_messages(7, &frames, true)[0]).slice(5..);
+        assert!(split_frames(&b).is_ok());
+        for cut in 1..b.len() {
+            let res = split_frames(&b.slice(..cut));
+            // A cut that falls between frames is a shorter, valid payload.
+            if cut != 7 {
+                assert!(res.is_err(), "cut at {cut} accepted");
+            }
+        }
+        assert_eq!(split_frames(&Bytes::new()).unwrap(), Vec::<Bytes>::new());
     }
 }
