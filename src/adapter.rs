@@ -31,7 +31,7 @@ use socketioxide_core::{
     adapter::{
         AckStreamItem, BroadcastFlags, BroadcastOptions, CoreAdapter, CoreLocalAdapter,
         DefinedAdapter, RemoteSocketData, Room, RoomParam, SocketEmitter, Spawnable,
-        errors::{AdapterError, BroadcastError},
+        errors::{AdapterError, BroadcastError, SocketError},
     },
     packet::Packet,
 };
@@ -307,6 +307,15 @@ impl<E: SocketEmitter> NsHandler for MeshAdapter<E> {
         match cmd {
             Command::Broadcast { opts, packet, .. } => {
                 if let Err(e) = self.local.broadcast(packet.0, opts) {
+                    let full = e
+                        .iter()
+                        .filter(|e| matches!(e, SocketError::InternalChannelFull))
+                        .count();
+                    self.mesh
+                        .shared
+                        .stats
+                        .socket_buffer_drops
+                        .fetch_add(full as u64, std::sync::atomic::Ordering::Relaxed);
                     debug!(ns = self.ns(), errors = ?e, "some sockets missed a broadcast from a peer");
                 }
             }

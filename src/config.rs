@@ -148,7 +148,7 @@ impl MeshConfig {
             peer_queue_len: 1 << 18,
             peer_queue_bytes: 64 * 1024 * 1024,
             slow_peer_timeout: Duration::from_secs(10),
-            batch_delay: Duration::from_millis(1),
+            batch_delay: Duration::from_millis(2),
             max_concurrent_streams: 1024,
             max_in_flight_requests: 4096,
             keep_alive_interval: Duration::from_millis(500),
@@ -191,7 +191,7 @@ impl MeshConfig {
     /// | `MESH_PEER_QUEUE_LEN` | queued commands per peer | 262144 |
     /// | `MESH_PEER_QUEUE_BYTES` | queued bytes per peer | 67108864 |
     /// | `MESH_SLOW_PEER_TIMEOUT_MS` | a peer accepting nothing this long is cut off | 10000 |
-    /// | `MESH_BATCH_DELAY_US` | on a busy link, how long a command may wait to share a write | 1000 |
+    /// | `MESH_BATCH_DELAY_US` | on a busy link, how long a command may wait to share a write | 2000 |
     /// | `MESH_MAX_IN_FLIGHT` | concurrent outgoing requests | 4096 |
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
@@ -433,11 +433,13 @@ impl MeshConfig {
     }
 
     /// On a busy link, how long a command may wait to share one write (one system call, one
-    /// packet train) with the commands that follow it. A link writes at most once per this
-    /// delay while it is busy; a command that finds the link quiet for longer leaves at once.
-    /// This is the main lever on the mesh's CPU cost under load (fewer writes, wake-ups and
-    /// packets per command), at the price of at most this much added latency. Zero writes
-    /// as soon as the writer runs. Default: 1 ms.
+    /// packet train, one wake-up of the peer) with the commands that follow it. A link
+    /// writes at most once per this delay while it is busy; a command that finds the link
+    /// quiet for longer leaves at once. Measured at 10,000 publishes/s on 3 nodes (3,300
+    /// commands/s per link): ~0.45 send calls per command without delay, 0.15 at 1 ms, 0.10 at
+    /// 2 ms, 0.08 at 3 ms, with tail latency within noise of each other; the price is up to
+    /// the delay (plus the runtime timer's 1 ms resolution) of added latency per hop. Zero
+    /// writes as soon as the writer runs. Default: 2 ms; at most 100 ms.
     pub fn with_batch_delay(mut self, delay: Duration) -> Self {
         self.batch_delay = delay;
         self
@@ -551,6 +553,7 @@ impl MeshConfig {
             ms(100),
             s(3600),
         )?;
+        range("batch_delay", self.batch_delay, Duration::ZERO, ms(100))?;
         range("connect_timeout", self.connect_timeout, ms(10), s(600))?;
         range("reconnect_min", self.reconnect_min, ms(1), s(60))?;
         range(
@@ -654,6 +657,14 @@ mod tests {
                 "phi_threshold",
             ),
             (
+                MeshConfig::local(tls()).with_batch_delay(Duration::from_secs(1)),
+                "batch_delay",
+            ),
+            (
+                MeshConfig::local(tls()).with_slow_peer_timeout(Duration::ZERO),
+                "slow_peer_timeout",
+            ),
+            (
                 MeshConfig::local(tls())
                     .with_keep_alive(Duration::from_secs(5), Duration::from_secs(1)),
                 "keep_alive_interval",
@@ -685,6 +696,8 @@ mod tests {
             ("MESH_GOSSIP_INTERVAL_MS", "200".into()),
             ("MESH_REQUEST_TIMEOUT_MS", "1500".into()),
             ("MESH_PEER_QUEUE_LEN", "100".into()),
+            ("MESH_SLOW_PEER_TIMEOUT_MS", "2500".into()),
+            ("MESH_BATCH_DELAY_US", "500".into()),
         ]);
         let cfg = MeshConfig::from_lookup(|k| vars.get(k).cloned()).unwrap();
         assert_eq!(cfg.cluster_id, "prod-chat");
@@ -692,6 +705,8 @@ mod tests {
         assert_eq!(cfg.gossip_interval, Duration::from_millis(200));
         assert_eq!(cfg.request_timeout, Duration::from_millis(1500));
         assert_eq!(cfg.peer_queue_len, 100);
+        assert_eq!(cfg.slow_peer_timeout, Duration::from_millis(2500));
+        assert_eq!(cfg.batch_delay, Duration::from_micros(500));
         assert_eq!(cfg.seeds.len(), 1);
 
         let mut bad = vars.clone();

@@ -160,6 +160,11 @@ pub struct Outcome {
     pub cutoffs: u64,
     pub commands_lost: u64,
     pub socket_drops: u64,
+    /// Publishes the server's handlers saw (to tell a lost publish from a lost delivery).
+    pub server_publishes: u64,
+    pub client_publishes: u64,
+    pub commands_received: u64,
+    pub commands_sent_total: u64,
 }
 
 impl Outcome {
@@ -224,6 +229,20 @@ fn main() -> anyhow::Result<()> {
                     o.sends_per_command(),
                     o.cutoffs
                 );
+                if o.lost() > 0 {
+                    // Where it went: a publish the server never saw, a command that never
+                    // arrived, a socket buffer that overflowed, or a client that missed it.
+                    eprintln!(
+                        "  lost {}: publishes sent {} / seen by the server {}; commands sent {} / received {} / lost {}; socket buffer drops {}",
+                        o.lost(),
+                        o.client_publishes,
+                        o.server_publishes,
+                        o.commands_sent_total,
+                        o.commands_received,
+                        o.commands_lost,
+                        o.socket_drops
+                    );
+                }
                 match all
                     .iter_mut()
                     .find(|v| v[0].backend == o.backend && v[0].point == o.point)
@@ -478,5 +497,9 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
         cutoffs: s_end.slow_peer_cutoffs,
         commands_lost: s_end.commands_lost,
         socket_drops: s_end.socket_drops,
+        server_publishes: s_end.publishes,
+        client_publishes: totals.published.load(Ordering::Relaxed),
+        commands_received: s_end.commands_received,
+        commands_sent_total: s_end.commands_sent,
     })
 }

@@ -118,7 +118,7 @@ impl Link {
             queue_rx,
             state_rx,
             batch: Vec::with_capacity(64),
-            last_write: tokio::time::Instant::now(),
+            last_write: None,
         };
         tasks.spawn(writer.run(cancel));
         link
@@ -214,7 +214,7 @@ struct Writer {
     /// The commands of the write in progress (reused).
     batch: Vec<Bytes>,
     /// When the last write was handed to the transport.
-    last_write: tokio::time::Instant,
+    last_write: Option<tokio::time::Instant>,
 }
 
 impl Writer {
@@ -306,11 +306,13 @@ impl Writer {
             }
             // A busy link writes at most once per `batch_delay`: what is queued meanwhile
             // shares the next write. After a quiet spell, a command leaves at once.
-            let due = self.last_write + self.link.limits.batch_delay;
-            if tokio::time::Instant::now() < due {
-                tokio::time::sleep_until(due).await;
+            if let Some(last) = self.last_write {
+                let due = last + self.link.limits.batch_delay;
+                if tokio::time::Instant::now() < due {
+                    tokio::time::sleep_until(due).await;
+                }
             }
-            self.last_write = tokio::time::Instant::now();
+            self.last_write = Some(tokio::time::Instant::now());
             self.write_batch(&mut stream, seq).await?;
         }
     }

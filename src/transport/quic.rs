@@ -99,6 +99,7 @@ impl QuicTransport {
         let io = Arc::new(IoCounters::default());
         let runtime = Arc::new(quinn::TokioRuntime);
         let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+        udp_buffers(&socket);
         let socket = Arc::new(CountingSocket {
             inner: runtime.wrap_udp_socket(socket).map_err(bind_err)?,
             io: io.clone(),
@@ -230,6 +231,38 @@ impl QuicTransport {
     pub(crate) fn io(&self) -> &IoCounters {
         &self.io
     }
+}
+
+/// Socket buffer size asked of the kernel for the endpoint's UDP socket. Every peer sends to
+/// this one socket: the kernel's default (~200 KiB) overflows under bursts at high rates,
+/// and each datagram dropped there costs a QUIC retransmission (a latency spike).
+const UDP_BUFFER: usize = 4 * 1024 * 1024;
+
+fn udp_buffers(socket: &std::net::UdpSocket) {
+    let state = match quinn::udp::UdpSocketState::new(socket.into()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot inspect the UDP socket");
+            return;
+        }
+    };
+    let _ = state.set_recv_buffer_size(socket.into(), UDP_BUFFER);
+    let _ = state.set_send_buffer_size(socket.into(), UDP_BUFFER);
+    let recv = state.recv_buffer_size(socket.into()).unwrap_or(0);
+    // Linux reports twice the size it grants; it caps the size at net.core.rmem_max.
+    if recv < UDP_BUFFER {
+        tracing::info!(
+            granted = recv,
+            wanted = UDP_BUFFER,
+            "UDP receive buffer smaller than wanted: raise net.core.rmem_max for high message rates"
+        );
+    }
+    tracing::debug!(
+        gso_segments = state.max_gso_segments(),
+        gro_segments = state.gro_segments(),
+        recv_buffer = recv,
+        "UDP socket ready"
+    );
 }
 
 /// The endpoint's UDP socket, counting the system calls quinn makes on it.
