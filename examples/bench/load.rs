@@ -30,6 +30,8 @@ pub enum Kind {
     Rooms,
     /// To every socket.
     All,
+    /// No publishing: `fetch_sockets` from node 0, `rate` requests in flight at a time.
+    Fetch,
 }
 
 /// Counters shared by every client.
@@ -96,13 +98,10 @@ impl Client {
         totals: Arc<Totals>,
     ) -> anyhow::Result<Vec<u32>> {
         let mut lats = Vec::new();
-        let event = match kind {
-            Kind::Rooms => "pub",
-            Kind::All => "all",
-        };
-        let fanout = match kind {
-            Kind::Rooms => self.room_size,
-            Kind::All => clients,
+        let (event, fanout) = match kind {
+            Kind::Rooms => ("pub", self.room_size),
+            Kind::All => ("all", clients),
+            Kind::Fetch => ("", 0),
         };
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -119,7 +118,7 @@ impl Client {
                         totals.received.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                _ = ticker.tick(), if phase == Phase::Publish => {
+                _ = ticker.tick(), if phase == Phase::Publish && kind != Kind::Fetch => {
                     let frame = format!("42[\"{event}\",{{\"t\":{},\"p\":\"{PAYLOAD}\"}}]", now_ns());
                     self.ws.send(Message::Text(frame.into())).await?;
                     totals.published.fetch_add(1, Ordering::Relaxed);

@@ -13,6 +13,8 @@
 //!   its own room (itself included), so R × 10 deliveries/s.
 //! - `all@R`: clients publish R messages/s in total to every socket (`io.emit`), so
 //!   R × 1000 deliveries/s.
+//! - `fetch@N`: no publishing; node 0 runs `io.fetch_sockets()` (every socket of the cluster)
+//!   N at a time, in batches, and times each.
 //!
 //! Each point runs in fresh processes: a server child hosting every node of the backend on one
 //! tokio runtime (the single node and the 3-node cluster get the same two worker threads),
@@ -59,7 +61,7 @@ struct Args {
     /// Points to measure, `rooms@<publishes/s>` or `all@<publishes/s>`.
     #[arg(
         long,
-        default_value = "all@200,all@500,rooms@10000,rooms@15000,rooms@20000,rooms@30000,rooms@40000",
+        default_value = "all@200,all@500,rooms@10000,rooms@11000,rooms@12500,rooms@15000,rooms@17500,rooms@20000,rooms@30000,rooms@40000,fetch@1,fetch@100,fetch@1000",
         value_delimiter = ','
     )]
     scenarios: Vec<String>,
@@ -113,7 +115,8 @@ impl std::str::FromStr for Point {
         let kind = match kind {
             "rooms" => Kind::Rooms,
             "all" => Kind::All,
-            k => anyhow::bail!("unknown scenario kind {k:?} (rooms, all)"),
+            "fetch" => Kind::Fetch,
+            k => anyhow::bail!("unknown scenario kind {k:?} (rooms, all, fetch)"),
         };
         Ok(Point {
             kind,
@@ -127,6 +130,7 @@ impl std::fmt::Display for Point {
         let k = match self.kind {
             Kind::Rooms => "rooms",
             Kind::All => "all",
+            Kind::Fetch => "fetch",
         };
         write!(f, "{k}@{}", self.rate)
     }
@@ -257,6 +261,59 @@ fn main() -> anyhow::Result<()> {
     report::write(&args, &points, &outcomes)
 }
 
+/// `fetch_sockets` from node 0, `point.rate` at a time, with the clients connected and idle.
+async fn fetch_point(
+    backend: &str,
+    point: Point,
+    args: &Args,
+    server: &mut ServerChild,
+    pid: u32,
+    redis_pid: Option<u32>,
+) -> anyhow::Result<Outcome> {
+    let inflight = point.rate.max(1) as usize;
+    let batches = (2000 / inflight).max(20);
+    // Warm-up: connections, streams, caches.
+    server.fetch(inflight, 2).await?;
+    let (cpu0, rcpu0, ctx0) = (
+        measure::cpu_secs(pid),
+        redis_pid.map(measure::cpu_secs).unwrap_or(0.0),
+        measure::context_switches(pid),
+    );
+    let r = server.fetch(inflight, batches).await?;
+    let (cpu1, rcpu1, ctx1) = (
+        measure::cpu_secs(pid),
+        redis_pid.map(measure::cpu_secs).unwrap_or(0.0),
+        measure::context_switches(pid),
+    );
+    let s_end = server.stats().await?;
+    let pct = |p: f64| {
+        if r.lat_us.is_empty() {
+            f64::NAN
+        } else {
+            r.lat_us[((r.lat_us.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+        }
+    };
+    let complete = r.found.iter().filter(|n| **n == args.clients).count() as u64;
+    Ok(Outcome {
+        backend: backend.to_string(),
+        point: point.to_string(),
+        rate: point.rate,
+        achieved: r.lat_us.len() as f64 / r.secs,
+        expected: r.lat_us.len() as u64,
+        received: complete,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+        cpu_s: cpu1 - cpu0,
+        redis_cpu_s: rcpu1 - rcpu0,
+        window_s: r.secs,
+        ctx_switches: ctx1.saturating_sub(ctx0),
+        cutoffs: s_end.slow_peer_cutoffs,
+        commands_lost: s_end.commands_lost,
+        ..Default::default()
+    })
+}
+
 struct ServerChild {
     child: Child,
     stdin: ChildStdin,
@@ -307,6 +364,21 @@ impl ServerChild {
         let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
             .await
             .context("no stats from server")??
+            .context("server exited")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    async fn fetch(
+        &mut self,
+        inflight: usize,
+        batches: usize,
+    ) -> anyhow::Result<server::FetchResult> {
+        self.stdin
+            .write_all(format!("fetch {inflight} {batches}\n").as_bytes())
+            .await?;
+        let line = tokio::time::timeout(Duration::from_secs(300), self.lines.next_line())
+            .await
+            .context("no fetch result from server")??
             .context("server exited")?;
         Ok(serde_json::from_str(&line)?)
     }
@@ -390,6 +462,14 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
     let mut clients = Vec::with_capacity(n);
     for c in connecting {
         clients.push(c.await??);
+    }
+
+    if point.kind == Kind::Fetch {
+        let out = fetch_point(backend, point, args, &mut server, pid, redis_pid).await;
+        drop(clients);
+        server.stop().await;
+        drop(redis);
+        return out;
     }
 
     let totals = Arc::new(Totals::default());

@@ -126,6 +126,35 @@ pub fn write(args: &Args, points: &[Point], outcomes: &[Outcome]) -> anyhow::Res
             }
         }
     }
+    let fetch: Vec<&Point> = points.iter().filter(|p| p.kind == Kind::Fetch).collect();
+    if !fetch.is_empty() {
+        writeln!(
+            md,
+            "\n### fetch_sockets from node 0 ({} sockets on every node of the backend)\n",
+            args.clients
+        )?;
+        writeln!(md, "| in flight | backend | requests/s | p50 | p99 | max | incomplete answers | server CPU |")?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+        for p in fetch {
+            for b in &args.backends {
+                let Some(o) = find(outcomes, b, p) else { continue };
+                writeln!(
+                    md,
+                    "| {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {}/{} | {:.2} s{} |",
+                    p.rate,
+                    o.backend,
+                    o.achieved,
+                    o.p50_ms,
+                    o.p99_ms,
+                    o.max_ms,
+                    o.lost(),
+                    o.expected,
+                    o.cpu_s,
+                    if o.redis_cpu_s > 0.0 { format!(" + redis {:.2} s", o.redis_cpu_s) } else { String::new() },
+                )?;
+            }
+        }
+    }
     println!("{md}");
 
     std::fs::create_dir_all(&args.out)?;

@@ -70,10 +70,13 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
     let (nodes, redis_url) = (args.nodes, args.redis_url.as_str());
     let publishes = Arc::new(AtomicU64::new(0));
     let mut addrs = Vec::new();
+    let mut fetchers: Vec<Fetch> = Vec::new();
     let mut meshes = Vec::new();
     match backend {
         "local" => {
-            addrs.push(start_node::<LocalAdapter>((), &publishes).await?);
+            let (addr, fetch) = start_node::<LocalAdapter>((), &publishes).await?;
+            addrs.push(addr);
+            fetchers.push(fetch);
         }
         "mesh-quic" | "mesh-ws" => {
             let kind = if backend == "mesh-quic" {
@@ -108,7 +111,10 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
                 .context("mesh did not form")??;
             }
             for mesh in &meshes {
-                addrs.push(start_node::<MeshAdapter<Emitter>>(mesh.clone(), &publishes).await?);
+                let (addr, fetch) =
+                    start_node::<MeshAdapter<Emitter>>(mesh.clone(), &publishes).await?;
+                addrs.push(addr);
+                fetchers.push(fetch);
             }
         }
         "redis" => {
@@ -117,7 +123,9 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
                 let state = RedisAdapterCtr::new_with_redis(&client)
                     .await
                     .context("connect to redis")?;
-                addrs.push(start_node::<RedisAdapter<Emitter>>(state, &publishes).await?);
+                let (addr, fetch) = start_node::<RedisAdapter<Emitter>>(state, &publishes).await?;
+                addrs.push(addr);
+                fetchers.push(fetch);
             }
         }
         other => anyhow::bail!("unknown backend {other}"),
@@ -128,12 +136,17 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
     out.flush().await?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
-        if line.trim() == "stats" {
-            let stats = collect(&meshes, &publishes);
-            out.write_all(format!("{}\n", serde_json::to_string(&stats)?).as_bytes())
-                .await?;
-            out.flush().await?;
-        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let reply = match words.as_slice() {
+            ["stats"] => serde_json::to_string(&collect(&meshes, &publishes))?,
+            ["fetch", inflight, batches] => {
+                let f = fetchers.first().context("no node")?.clone();
+                serde_json::to_string(&fetch_batches(f, inflight.parse()?, batches.parse()?).await?)?
+            }
+            _ => continue,
+        };
+        out.write_all(format!("{reply}\n").as_bytes()).await?;
+        out.flush().await?;
     }
     for mesh in meshes {
         mesh.shutdown().await;
@@ -163,7 +176,47 @@ fn collect(meshes: &[Mesh], publishes: &AtomicU64) -> ServerStats {
 
 /// One Socket.IO node on an OS-chosen port: clients join the room named in their auth
 /// payload; `pub` broadcasts to the publisher's room (itself included), `all` to everyone.
-async fn start_node<A>(state: A::State, publishes: &Arc<AtomicU64>) -> anyhow::Result<SocketAddr>
+/// `fetch_sockets()` on a node: the number of sockets it found.
+type Fetch = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, usize> + Send + Sync>;
+
+/// Latencies of `fetch_sockets`, `inflight` at a time, `batches` times.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct FetchResult {
+    /// Latencies in microseconds, sorted.
+    pub lat_us: Vec<u32>,
+    /// The sockets each answer listed.
+    pub found: Vec<usize>,
+    pub secs: f64,
+}
+
+async fn fetch_batches(fetch: Fetch, inflight: usize, batches: usize) -> anyhow::Result<FetchResult> {
+    let mut res = FetchResult::default();
+    let t0 = std::time::Instant::now();
+    for _ in 0..batches {
+        let mut batch = Vec::with_capacity(inflight);
+        for _ in 0..inflight {
+            let f = fetch.clone();
+            batch.push(tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                let n = f().await;
+                (t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32, n)
+            }));
+        }
+        for t in batch {
+            let (lat, n) = t.await?;
+            res.lat_us.push(lat);
+            res.found.push(n);
+        }
+    }
+    res.secs = t0.elapsed().as_secs_f64();
+    res.lat_us.sort_unstable();
+    Ok(res)
+}
+
+async fn start_node<A>(
+    state: A::State,
+    publishes: &Arc<AtomicU64>,
+) -> anyhow::Result<(SocketAddr, Fetch)>
 where
     A: Adapter + socketioxide_core::adapter::DefinedAdapter,
     A::InitRes: NsInit,
@@ -201,7 +254,11 @@ where
         let _ = tcp.set_nodelay(true);
     });
     tokio::spawn(async move { axum::serve(listener, app).await.ok() });
-    Ok(addr)
+    let fetch: Fetch = Arc::new(move || {
+        let io = io.clone();
+        Box::pin(async move { io.fetch_sockets().await.map(|s| s.len()).unwrap_or(0) })
+    });
+    Ok((addr, fetch))
 }
 
 /// What `io.ns(..)` returns, per adapter: nothing for the local adapter, a future otherwise.
