@@ -148,7 +148,7 @@ impl MeshConfig {
             peer_queue_len: 1 << 18,
             peer_queue_bytes: 64 * 1024 * 1024,
             slow_peer_timeout: Duration::from_secs(10),
-            batch_delay: Duration::from_millis(2),
+            batch_delay: Duration::from_millis(3),
             max_concurrent_streams: 1024,
             max_in_flight_requests: 4096,
             keep_alive_interval: Duration::from_millis(500),
@@ -191,7 +191,7 @@ impl MeshConfig {
     /// | `MESH_PEER_QUEUE_LEN` | queued commands per peer | 262144 |
     /// | `MESH_PEER_QUEUE_BYTES` | queued bytes per peer | 67108864 |
     /// | `MESH_SLOW_PEER_TIMEOUT_MS` | a peer accepting nothing this long is cut off | 10000 |
-    /// | `MESH_BATCH_DELAY_US` | on a busy link, how long a command may wait to share a write | 2000 |
+    /// | `MESH_BATCH_DELAY_US` | on a busy link, how long a command may wait to share a write | 3000 |
     /// | `MESH_MAX_IN_FLIGHT` | concurrent outgoing requests | 4096 |
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
@@ -439,7 +439,7 @@ impl MeshConfig {
     /// commands/s per link): ~0.45 send calls per command without delay, 0.15 at 1 ms, 0.10 at
     /// 2 ms, 0.08 at 3 ms, with tail latency within noise of each other; the price is up to
     /// the delay (plus the runtime timer's 1 ms resolution) of added latency per hop. Zero
-    /// writes as soon as the writer runs. Default: 2 ms; at most 100 ms.
+    /// writes as soon as the writer runs. Default: 3 ms; at most 100 ms.
     pub fn with_batch_delay(mut self, delay: Duration) -> Self {
         self.batch_delay = delay;
         self

@@ -120,9 +120,11 @@ impl Client {
                 }
                 _ = ticker.tick(), if phase == Phase::Publish && kind != Kind::Fetch => {
                     let frame = format!("42[\"{event}\",{{\"t\":{},\"p\":\"{PAYLOAD}\"}}]", now_ns());
-                    self.ws.send(Message::Text(frame.into())).await?;
+                    // Count before sending: a delivery must never be seen before its publish
+                    // is counted (the drain would stop early and miscount what follows).
                     totals.published.fetch_add(1, Ordering::Relaxed);
                     totals.expected.fetch_add(fanout, Ordering::Relaxed);
+                    self.ws.send(Message::Text(frame.into())).await?;
                 }
                 changed = phase_rx.changed() => {
                     if changed.is_err() { break; }

@@ -517,7 +517,9 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
     phase_tx.send_replace(Phase::Drain);
     let publish_secs = started.elapsed().as_secs_f64();
 
-    // Wait for everything in flight: all expected deliveries, or no progress for 3 s.
+    // Wait for everything in flight: all expected deliveries, or no progress for 3 s. A client
+    // may be in the middle of one last publish when the phase changes: give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut last = (0, Instant::now());
     loop {
         let got = totals.received.load(Ordering::Relaxed);

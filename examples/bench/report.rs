@@ -133,11 +133,16 @@ pub fn write(args: &Args, points: &[Point], outcomes: &[Outcome]) -> anyhow::Res
             "\n### fetch_sockets from node 0 ({} sockets on every node of the backend)\n",
             args.clients
         )?;
-        writeln!(md, "| in flight | backend | requests/s | p50 | p99 | max | incomplete answers | server CPU |")?;
+        writeln!(
+            md,
+            "| in flight | backend | requests/s | p50 | p99 | max | incomplete answers | server CPU |"
+        )?;
         writeln!(md, "|---|---|---|---|---|---|---|---|")?;
         for p in fetch {
             for b in &args.backends {
-                let Some(o) = find(outcomes, b, p) else { continue };
+                let Some(o) = find(outcomes, b, p) else {
+                    continue;
+                };
                 writeln!(
                     md,
                     "| {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {}/{} | {:.2} s{} |",
@@ -150,7 +155,11 @@ pub fn write(args: &Args, points: &[Point], outcomes: &[Outcome]) -> anyhow::Res
                     o.lost(),
                     o.expected,
                     o.cpu_s,
-                    if o.redis_cpu_s > 0.0 { format!(" + redis {:.2} s", o.redis_cpu_s) } else { String::new() },
+                    if o.redis_cpu_s > 0.0 {
+                        format!(" + redis {:.2} s", o.redis_cpu_s)
+                    } else {
+                        String::new()
+                    },
                 )?;
             }
         }

@@ -141,7 +141,9 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
             ["stats"] => serde_json::to_string(&collect(&meshes, &publishes))?,
             ["fetch", inflight, batches] => {
                 let f = fetchers.first().context("no node")?.clone();
-                serde_json::to_string(&fetch_batches(f, inflight.parse()?, batches.parse()?).await?)?
+                serde_json::to_string(
+                    &fetch_batches(f, inflight.parse()?, batches.parse()?).await?,
+                )?
             }
             _ => continue,
         };
@@ -189,7 +191,11 @@ pub struct FetchResult {
     pub secs: f64,
 }
 
-async fn fetch_batches(fetch: Fetch, inflight: usize, batches: usize) -> anyhow::Result<FetchResult> {
+async fn fetch_batches(
+    fetch: Fetch,
+    inflight: usize,
+    batches: usize,
+) -> anyhow::Result<FetchResult> {
     let mut res = FetchResult::default();
     let t0 = std::time::Instant::now();
     for _ in 0..batches {
