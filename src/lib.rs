@@ -39,22 +39,25 @@
 //!   requests.rs    sans-IO request tracking: who we still wait for
 //!   wire.rs        the peer protocol (MessagePack, versioned, append-only tags)
 //!   seed/          where the first peers come from (pluggable SeedSource)
-//!   transport/     authenticated frames on multiplexed streams: quic, mem (tests)
+//!   transport/     authenticated frames on multiplexed streams: quic, ws, mem (tests);
+//!                  batched writes, zero-copy frame decoding, system calls counted
 //!   tls.rs         mutual TLS material, dev CA
 //! ```
 //!
 //! # How a broadcast travels
 //!
-//! `io.to("room").emit(..)` on node A encodes the packet once, queues it on the command
-//! stream of every live peer serving the namespace (a bounded queue per peer; one ordered
-//! QUIC stream per peer), then emits to A's own sockets. Each peer applies A's commands in
-//! the order A issued them, so `join` followed by an emit to the room behaves on remote
-//! nodes as it does locally.
+//! `io.to("room").emit(..)` on node A encodes the packet once, queues it for every live peer
+//! (a bounded queue per peer, found through a routing snapshot: no lock, no allocation), then
+//! emits to A's own sockets. One task per peer takes everything queued and writes it in one
+//! go on that peer's ordered command stream (on a busy link, at most once per `batch_delay`);
+//! the peer cuts the frames out of what arrived without copying them and applies them in the
+//! order A issued them, so `join` followed by an emit to the room behaves on remote nodes as
+//! it does locally.
 //!
 //! # How a request travels
 //!
-//! `fetch_sockets`, `rooms` and broadcasts with acks open one QUIC stream per live peer
-//! serving the namespace, many in flight at once. A request ends when every peer answered
+//! `fetch_sockets`, `rooms` and broadcasts with acks open one stream per live peer (a peer
+//! not serving the namespace answers empty), many in flight at once. A request ends when every peer answered
 //! **or died**: when gossip declares a peer dead (about a second on a LAN) its connection is
 //! closed and its streams fail at once, so a dead peer never costs the full timeout. A
 //! request also sees the effect of every command its node sent before it.

@@ -6,6 +6,8 @@
 //! cargo run --release --example bench                     # every scenario, local + mesh
 //! cargo run --release --example bench -- --backends local,mesh-quic,mesh-ws,redis   # redis-server on PATH
 //! cargo run --release --example bench -- --scenarios rooms@10000 --seconds 5          # one point
+//! cargo run --release --example bench -- --node-procs        # one process per node, as pods
+//! cargo run --release --example bench -- --from-csv docs/bench/results.csv --runs 3   # redraw
 //! ```
 //!
 //! Scenarios (`--scenarios`, comma-separated `kind@publishes-per-second`):
@@ -92,6 +94,22 @@ struct Args {
     /// Mesh batch delay in microseconds (default: the library's).
     #[arg(long)]
     batch_delay_us: Option<u64>,
+    /// Run each node of a clustered backend in a process of its own (as pods would), instead
+    /// of all nodes on one runtime; figures are summed over the processes.
+    #[arg(long)]
+    node_procs: bool,
+    /// Internal: the node a per-node server process hosts.
+    #[arg(long, hide = true)]
+    node_index: Option<usize>,
+    /// Internal: certificates of per-node mesh processes (`<dir>/n<i>`).
+    #[arg(long, hide = true)]
+    certs: Option<PathBuf>,
+    /// Internal: a mesh address to join.
+    #[arg(long, hide = true)]
+    seed: Option<SocketAddr>,
+    /// Write the report again from a `results.csv` of an earlier run (no measuring).
+    #[arg(long)]
+    from_csv: Option<PathBuf>,
     /// Internal: serve one backend (the server child).
     #[arg(long, hide = true)]
     serve: Option<String>,
@@ -213,6 +231,11 @@ fn main() -> anyhow::Result<()> {
             .init();
         return rt.block_on(server::serve(&backend, &args));
     }
+    if let Some(csv) = args.from_csv.clone() {
+        let (backends, points, outcomes) = report::read_csv(&csv)?;
+        let args = Args { backends, ..args };
+        return report::write(&args, &points, &outcomes);
+    }
     let points: Vec<Point> = args
         .scenarios
         .iter()
@@ -266,24 +289,21 @@ async fn fetch_point(
     backend: &str,
     point: Point,
     args: &Args,
-    server: &mut ServerChild,
-    pid: u32,
+    server: &mut Servers,
     redis_pid: Option<u32>,
 ) -> anyhow::Result<Outcome> {
     let inflight = point.rate.max(1) as usize;
     let batches = (2000 / inflight).max(20);
     // Warm-up: connections, streams, caches.
     server.fetch(inflight, 2).await?;
-    let (cpu0, rcpu0, ctx0) = (
-        measure::cpu_secs(pid),
+    let ((cpu0, ctx0), rcpu0) = (
+        server.usage(),
         redis_pid.map(measure::cpu_secs).unwrap_or(0.0),
-        measure::context_switches(pid),
     );
     let r = server.fetch(inflight, batches).await?;
-    let (cpu1, rcpu1, ctx1) = (
-        measure::cpu_secs(pid),
+    let ((cpu1, ctx1), rcpu1) = (
+        server.usage(),
         redis_pid.map(measure::cpu_secs).unwrap_or(0.0),
-        measure::context_switches(pid),
     );
     let s_end = server.stats().await?;
     let pct = |p: f64| {
@@ -321,38 +341,77 @@ struct ServerChild {
     addrs: Vec<SocketAddr>,
 }
 
+/// Which node a per-node server process hosts (`--node-procs`).
+struct NodeArgs<'a> {
+    index: usize,
+    certs: Option<&'a std::path::Path>,
+    seed: Option<SocketAddr>,
+}
+
 impl ServerChild {
-    async fn start(backend: &str, args: &Args, redis_url: &str) -> anyhow::Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["--serve", backend, "--nodes", &args.nodes.to_string()])
-            .args(["--redis-url", redis_url])
-            .args(
-                args.batch_delay_us
-                    .map(|us| vec!["--batch-delay-us".to_string(), us.to_string()])
-                    .unwrap_or_default(),
-            )
+    fn spawn(
+        backend: &str,
+        args: &Args,
+        redis_url: &str,
+        node: Option<NodeArgs<'_>>,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["--serve", backend, "--nodes", &args.nodes.to_string()])
+            .args(["--redis-url", redis_url]);
+        if let Some(us) = args.batch_delay_us {
+            cmd.args(["--batch-delay-us", &us.to_string()]);
+        }
+        if let Some(node) = node {
+            cmd.args(["--node-index", &node.index.to_string()]);
+            if let Some(dir) = node.certs {
+                cmd.arg("--certs").arg(dir);
+            }
+            if let Some(seed) = node.seed {
+                cmd.args(["--seed", &seed.to_string()]);
+            }
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()?;
         let stdin = child.stdin.take().context("stdin")?;
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .context("server did not start")??
-            .context("server exited")?;
-        #[derive(Deserialize)]
-        struct Ready {
-            addrs: Vec<SocketAddr>,
-        }
-        let ready: Ready = serde_json::from_str(&first)?;
+        let lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
         Ok(Self {
             child,
             stdin,
             lines,
-            addrs: ready.addrs,
+            addrs: Vec::new(),
         })
+    }
+
+    /// The next JSON line the child prints.
+    async fn line<T: serde::de::DeserializeOwned>(&mut self) -> anyhow::Result<T> {
+        let line = tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+            .await
+            .context("server did not answer")??
+            .context("server exited")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Where its first mesh node listens, once it does.
+    async fn mesh_addr(&mut self) -> anyhow::Result<Option<SocketAddr>> {
+        #[derive(Deserialize)]
+        struct MeshLine {
+            mesh: Option<SocketAddr>,
+        }
+        Ok(self.line::<MeshLine>().await?.mesh)
+    }
+
+    /// Wait until its nodes serve (and their cluster has formed).
+    async fn ready(&mut self) -> anyhow::Result<()> {
+        #[derive(Deserialize)]
+        struct Ready {
+            addrs: Vec<SocketAddr>,
+        }
+        self.addrs = self.line::<Ready>().await?.addrs;
+        Ok(())
     }
 
     fn pid(&self) -> u32 {
@@ -361,11 +420,7 @@ impl ServerChild {
 
     async fn stats(&mut self) -> anyhow::Result<ServerStats> {
         self.stdin.write_all(b"stats\n").await?;
-        let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
-            .await
-            .context("no stats from server")??
-            .context("server exited")?;
-        Ok(serde_json::from_str(&line)?)
+        self.line().await
     }
 
     async fn fetch(
@@ -376,11 +431,7 @@ impl ServerChild {
         self.stdin
             .write_all(format!("fetch {inflight} {batches}\n").as_bytes())
             .await?;
-        let line = tokio::time::timeout(Duration::from_secs(300), self.lines.next_line())
-            .await
-            .context("no fetch result from server")??
-            .context("server exited")?;
-        Ok(serde_json::from_str(&line)?)
+        self.line().await
     }
 
     async fn stop(mut self) {
@@ -391,6 +442,102 @@ impl ServerChild {
         {
             let _ = self.child.kill().await;
         }
+    }
+}
+
+/// The server processes of one backend: one hosting every node, or one per node
+/// (`--node-procs`).
+struct Servers {
+    children: Vec<ServerChild>,
+    /// Certificates of per-node mesh processes, removed on drop.
+    certs: Option<PathBuf>,
+}
+
+impl Servers {
+    async fn start(backend: &str, args: &Args, redis_url: &str) -> anyhow::Result<Self> {
+        if !args.node_procs || backend == "local" {
+            let mut child = ServerChild::spawn(backend, args, redis_url, None)?;
+            child.mesh_addr().await?;
+            child.ready().await?;
+            return Ok(Self {
+                children: vec![child],
+                certs: None,
+            });
+        }
+        let certs = if backend.starts_with("mesh") {
+            let dir = std::env::temp_dir().join(format!("bench-certs-{}", std::process::id()));
+            let ca = socketioxide_mesh::DevCa::generate("bench")?;
+            for i in 0..args.nodes {
+                ca.write_dir(dir.join(format!("n{i}")), &format!("n{i}"))?;
+            }
+            Some(dir)
+        } else {
+            None
+        };
+        let mut servers = Self {
+            children: Vec::new(),
+            certs,
+        };
+        let mut seed = None;
+        for index in 0..args.nodes {
+            let node = NodeArgs {
+                index,
+                certs: servers.certs.as_deref(),
+                seed,
+            };
+            let mut child = ServerChild::spawn(backend, args, redis_url, Some(node))?;
+            let mesh = child.mesh_addr().await?;
+            seed = seed.or(mesh);
+            servers.children.push(child);
+        }
+        for child in &mut servers.children {
+            child.ready().await?;
+        }
+        Ok(servers)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(ServerChild::pid).collect()
+    }
+
+    /// Every node's Socket.IO address, node 0 first.
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.children.iter().flat_map(|c| c.addrs.clone()).collect()
+    }
+
+    async fn stats(&mut self) -> anyhow::Result<ServerStats> {
+        let mut total = ServerStats::default();
+        for child in &mut self.children {
+            total += child.stats().await?;
+        }
+        Ok(total)
+    }
+
+    /// `fetch_sockets` from node 0.
+    async fn fetch(
+        &mut self,
+        inflight: usize,
+        batches: usize,
+    ) -> anyhow::Result<server::FetchResult> {
+        self.children[0].fetch(inflight, batches).await
+    }
+
+    async fn stop(self) {
+        for child in self.children {
+            child.stop().await;
+        }
+        if let Some(dir) = &self.certs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    /// CPU seconds and context switches of every server process so far.
+    fn usage(&self) -> (f64, u64) {
+        let pids = self.pids();
+        (
+            pids.iter().map(|p| measure::cpu_secs(*p)).sum(),
+            pids.iter().map(|p| measure::context_switches(*p)).sum(),
+        )
     }
 }
 
@@ -441,8 +588,8 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
         None
     };
     let url = redis.as_ref().map(|r| r.url.clone()).unwrap_or_default();
-    let mut server = ServerChild::start(backend, args, &url).await?;
-    let pid = server.pid();
+    let mut server = Servers::start(backend, args, &url).await?;
+    let addrs = server.addrs();
     let redis_pid = redis.as_ref().and_then(|r| r.child.id());
 
     // Clients, round-robin over the nodes; client i is in room i / room_size.
@@ -450,7 +597,7 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut connecting = Vec::with_capacity(n);
     for i in 0..n {
-        let addr = server.addrs[i % server.addrs.len()];
+        let addr = addrs[i % addrs.len()];
         let room = i / args.room_size;
         let size = (n - room * args.room_size).min(args.room_size) as u64;
         let sem = sem.clone();
@@ -465,7 +612,7 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
     }
 
     if point.kind == Kind::Fetch {
-        let out = fetch_point(backend, point, args, &mut server, pid, redis_pid).await;
+        let out = fetch_point(backend, point, args, &mut server, redis_pid).await;
         drop(clients);
         server.stop().await;
         drop(redis);
@@ -497,20 +644,18 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
     let started = Instant::now();
     phase_tx.send_replace(Phase::Publish);
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
-    let (cpu0, rcpu0, ctx0) = (
-        measure::cpu_secs(pid),
+    let ((cpu0, ctx0), rcpu0) = (
+        server.usage(),
         redis_pid.map(measure::cpu_secs).unwrap_or(0.0),
-        measure::context_switches(pid),
     );
     let s0 = server.stats().await?;
-    let perf = measure::Perf::start(pid);
+    let perf = measure::Perf::start(&server.pids());
     let w0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let window_s = w0.elapsed().as_secs_f64();
-    let (cpu1, rcpu1, ctx1) = (
-        measure::cpu_secs(pid),
+    let ((cpu1, ctx1), rcpu1) = (
+        server.usage(),
         redis_pid.map(measure::cpu_secs).unwrap_or(0.0),
-        measure::context_switches(pid),
     );
     let syscalls = perf.and_then(measure::Perf::stop).unwrap_or_default();
     let s1 = server.stats().await?;

@@ -72,9 +72,11 @@ pub struct Perf {
 }
 
 impl Perf {
-    /// Start counting, if `perf` can (installed, tracepoints readable).
-    pub fn start(pid: u32) -> Option<Perf> {
-        let out = std::env::temp_dir().join(format!("bench-perf-{pid}-{}.csv", std::process::id()));
+    /// Start counting for these processes, if `perf` can (installed, tracepoints readable).
+    pub fn start(pids: &[u32]) -> Option<Perf> {
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let list = list.join(",");
+        let out = std::env::temp_dir().join(format!("bench-perf-{}.csv", std::process::id()));
         let events: Vec<String> = SYSCALLS
             .iter()
             .map(|s| format!("syscalls:sys_enter_{s}"))
@@ -87,7 +89,7 @@ impl Perf {
                 "-e",
                 &events.join(","),
                 "-p",
-                &pid.to_string(),
+                &list,
                 "-o",
             ])
             .arg(&out)

@@ -38,11 +38,90 @@ pub fn median(runs: &[Outcome]) -> Outcome {
     out
 }
 
+/// The backends, points and outcomes of a `results.csv`, in their order.
+pub fn read_csv(path: &std::path::Path) -> anyhow::Result<(Vec<String>, Vec<Point>, Vec<Outcome>)> {
+    let text = std::fs::read_to_string(path)?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let (mut backends, mut points, mut outcomes) = (Vec::new(), Vec::new(), Vec::new());
+    for line in lines.filter(|l| !l.is_empty()) {
+        let cols: Vec<&str> = line.split(',').collect();
+        let get = |name: &str| -> anyhow::Result<&str> {
+            let i = header
+                .iter()
+                .position(|h| *h == name)
+                .ok_or_else(|| anyhow::anyhow!("no column {name}"))?;
+            cols.get(i)
+                .copied()
+                .ok_or_else(|| anyhow::anyhow!("short row"))
+        };
+        let num = |name: &str| -> anyhow::Result<f64> { Ok(get(name)?.parse()?) };
+        let point: Point = get("point")?.parse()?;
+        let o = Outcome {
+            backend: get("backend")?.to_string(),
+            point: point.to_string(),
+            rate: point.rate,
+            achieved: num("achieved")?,
+            expected: num("expected")? as u64,
+            received: num("received")? as u64,
+            p50_ms: num("p50_ms")?,
+            p99_ms: num("p99_ms")?,
+            max_ms: num("max_ms")?,
+            cpu_s: num("cpu_s")?,
+            redis_cpu_s: num("redis_cpu_s")?,
+            window_s: num("window_s")?,
+            ctx_switches: num("ctx_switches")? as u64,
+            commands: num("commands")? as u64,
+            peer_send_calls: num("peer_send_calls")? as u64,
+            peer_recv_calls: num("peer_recv_calls")? as u64,
+            cutoffs: num("cutoffs")? as u64,
+            commands_lost: num("commands_lost")? as u64,
+            socket_drops: num("socket_drops")? as u64,
+            syscalls: get("perf_syscalls")?
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+                .collect(),
+            ..Default::default()
+        };
+        if !backends.contains(&o.backend) {
+            backends.push(o.backend.clone());
+        }
+        if !points.contains(&point) {
+            points.push(point);
+        }
+        outcomes.push(o);
+    }
+    Ok((backends, points, outcomes))
+}
+
 fn find<'a>(outcomes: &'a [Outcome], backend: &str, point: &Point) -> Option<&'a Outcome> {
     let p = point.to_string();
     outcomes
         .iter()
         .find(|o| o.backend == backend && o.point == p)
+}
+
+/// The outcomes of `points`, in order, one per backend that has one.
+fn rows<'a>(
+    args: &'a Args,
+    outcomes: &'a [Outcome],
+    points: &'a [&'a Point],
+) -> impl Iterator<Item = (&'a Point, &'a Outcome)> + 'a {
+    points.iter().flat_map(move |p| {
+        args.backends
+            .iter()
+            .filter_map(move |b| find(outcomes, b, p).map(|o| (*p, o)))
+    })
+}
+
+/// Server CPU, with Redis's own when there is one.
+fn cpu_text(o: &Outcome) -> String {
+    if o.redis_cpu_s > 0.0 {
+        format!("{:.2} s + redis {:.2} s", o.cpu_s, o.redis_cpu_s)
+    } else {
+        format!("{:.2} s", o.cpu_s)
+    }
 }
 
 /// Whether a point counts as sustained: nothing lost and p99 under 20 ms.
@@ -54,8 +133,18 @@ pub fn write(args: &Args, points: &[Point], outcomes: &[Outcome]) -> anyhow::Res
     let mut md = String::new();
     writeln!(
         md,
-        "{} clients (rooms of {}), clustered backends on {} nodes; {} s window after {} s warm-up; median of {} run(s).\n",
-        args.clients, args.room_size, args.nodes, args.seconds, args.warmup, args.runs
+        "{} clients (rooms of {}), clustered backends on {} nodes ({}); {} s window after {} s warm-up; median of {} run(s).\n",
+        args.clients,
+        args.room_size,
+        args.nodes,
+        if args.node_procs {
+            "one process each"
+        } else {
+            "one process, one runtime"
+        },
+        args.seconds,
+        args.warmup,
+        args.runs
     )?;
     summary(&mut md, args, points, outcomes)?;
     for (kind, title) in [
@@ -78,52 +167,43 @@ pub fn write(args: &Args, points: &[Point], outcomes: &[Outcome]) -> anyhow::Res
             "| publishes/s | backend | achieved | p50 | p99 | max | lost | server CPU | × local | ctx switches/s | peer sends/command | sendmsg+sendmmsg / writev+write (perf) | cut-offs |"
         )?;
         writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
-        for p in pts {
-            for b in &args.backends {
-                let Some(o) = find(outcomes, b, p) else {
-                    continue;
-                };
-                let local = find(outcomes, "local", p).map(|l| l.cpu_s);
-                let cpu = if o.redis_cpu_s > 0.0 {
-                    format!("{:.2} s + redis {:.2} s", o.cpu_s, o.redis_cpu_s)
+        for (p, o) in rows(args, outcomes, &pts) {
+            let local = find(outcomes, "local", p).map(|l| l.cpu_s);
+            let cpu = cpu_text(o);
+            let ratio = local
+                .filter(|l| *l > 0.0)
+                .map(|l| format!("{:.2}×", (o.cpu_s + o.redis_cpu_s) / l))
+                .unwrap_or_default();
+            let perf = if o.syscalls.is_empty() {
+                "—".to_string()
+            } else {
+                let s = |n: &str| o.syscall(n).unwrap_or(0);
+                format!(
+                    "{} / {}",
+                    s("sendmsg") + s("sendmmsg"),
+                    s("writev") + s("write")
+                )
+            };
+            let spc = o.sends_per_command();
+            writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.1} ms | {:.1} ms | {:.0} ms | {} ({:.2} %) | {cpu} | {ratio} | {:.0} | {} | {perf} | {} |",
+                p.rate,
+                o.backend,
+                o.achieved,
+                o.p50_ms,
+                o.p99_ms,
+                o.max_ms,
+                o.lost(),
+                o.loss_pct(),
+                o.ctx_switches as f64 / o.window_s,
+                if spc.is_finite() {
+                    format!("{spc:.3}")
                 } else {
-                    format!("{:.2} s", o.cpu_s)
-                };
-                let ratio = local
-                    .filter(|l| *l > 0.0)
-                    .map(|l| format!("{:.2}×", (o.cpu_s + o.redis_cpu_s) / l))
-                    .unwrap_or_default();
-                let perf = if o.syscalls.is_empty() {
-                    "—".to_string()
-                } else {
-                    let s = |n: &str| o.syscall(n).unwrap_or(0);
-                    format!(
-                        "{} / {}",
-                        s("sendmsg") + s("sendmmsg"),
-                        s("writev") + s("write")
-                    )
-                };
-                let spc = o.sends_per_command();
-                writeln!(
-                    md,
-                    "| {} | {} | {:.0} | {:.1} ms | {:.1} ms | {:.0} ms | {} ({:.2} %) | {cpu} | {ratio} | {:.0} | {} | {perf} | {} |",
-                    p.rate,
-                    o.backend,
-                    o.achieved,
-                    o.p50_ms,
-                    o.p99_ms,
-                    o.max_ms,
-                    o.lost(),
-                    o.loss_pct(),
-                    o.ctx_switches as f64 / o.window_s,
-                    if spc.is_finite() {
-                        format!("{spc:.3}")
-                    } else {
-                        "—".into()
-                    },
-                    o.cutoffs,
-                )?;
-            }
+                    "—".into()
+                },
+                o.cutoffs,
+            )?;
         }
     }
     let fetch: Vec<&Point> = points.iter().filter(|p| p.kind == Kind::Fetch).collect();
@@ -138,30 +218,20 @@ pub fn write(args: &Args, points: &[Point], outcomes: &[Outcome]) -> anyhow::Res
             "| in flight | backend | requests/s | p50 | p99 | max | incomplete answers | server CPU |"
         )?;
         writeln!(md, "|---|---|---|---|---|---|---|---|")?;
-        for p in fetch {
-            for b in &args.backends {
-                let Some(o) = find(outcomes, b, p) else {
-                    continue;
-                };
-                writeln!(
-                    md,
-                    "| {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {}/{} | {:.2} s{} |",
-                    p.rate,
-                    o.backend,
-                    o.achieved,
-                    o.p50_ms,
-                    o.p99_ms,
-                    o.max_ms,
-                    o.lost(),
-                    o.expected,
-                    o.cpu_s,
-                    if o.redis_cpu_s > 0.0 {
-                        format!(" + redis {:.2} s", o.redis_cpu_s)
-                    } else {
-                        String::new()
-                    },
-                )?;
-            }
+        for (p, o) in rows(args, outcomes, &fetch) {
+            writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.1} ms | {}/{} | {} |",
+                p.rate,
+                o.backend,
+                o.achieved,
+                o.p50_ms,
+                o.p99_ms,
+                o.max_ms,
+                o.lost(),
+                o.expected,
+                cpu_text(o),
+            )?;
         }
     }
     println!("{md}");
@@ -321,7 +391,7 @@ fn svg(args: &Args, points: &[Point], outcomes: &[Outcome]) -> String {
             s,
             "<rect x='{x0}' y='{top}' width='{pw}' height='{ph}' fill='none' stroke='#999'/>"
         );
-        // Grid: decades (log) or five steps (linear).
+        // Grid: decades (log) or round steps of 1, 2 or 5 × 10^k (linear).
         let mut ticks = Vec::new();
         if *log {
             let mut t = 10f64.powf(vmin.log10().floor());
@@ -330,8 +400,17 @@ fn svg(args: &Args, points: &[Point], outcomes: &[Outcome]) -> String {
                 t *= 10.0;
             }
         } else {
-            for i in 0..=5 {
-                ticks.push(vmax / 1.2 * i as f64 / 5.0);
+            let raw = vmax / 5.0;
+            let mag = 10f64.powf(raw.log10().floor());
+            let step = [1.0, 2.0, 5.0, 10.0]
+                .into_iter()
+                .map(|m| m * mag)
+                .find(|s| *s >= raw)
+                .unwrap_or(raw);
+            let mut t = 0.0;
+            while t <= vmax {
+                ticks.push(t);
+                t += step;
             }
         }
         for t in ticks {
@@ -352,19 +431,26 @@ fn svg(args: &Args, points: &[Point], outcomes: &[Outcome]) -> String {
             let ty = y(20.0);
             let _ = writeln!(
                 s,
-                "<line x1='{x0}' x2='{}' y1='{ty:.1}' y2='{ty:.1}' stroke='#c33' stroke-dasharray='4 3'/><text x='{}' y='{:.1}' fill='#c33'>20 ms</text>",
+                "<line x1='{x0}' x2='{}' y1='{ty:.1}' y2='{ty:.1}' stroke='#c33' stroke-dasharray='4 3'/><text x='{}' y='{:.1}' fill='#c33' text-anchor='end'>20 ms</text>",
                 x0 + pw,
-                x0 + 4.0,
-                ty - 4.0
+                x0 + pw - 4.0,
+                ty + 14.0
             );
         }
+        // Rate labels, skipping one too close to the previous.
+        let mut last_label = f64::MIN;
         for p in &rooms {
             let px = xs(x0, f64::from(p.rate));
+            if px - last_label < 34.0 {
+                continue;
+            }
+            last_label = px;
+            let k = f64::from(p.rate) / 1000.0;
             let _ = writeln!(
                 s,
                 "<text x='{px:.1}' y='{}' text-anchor='middle'>{}k</text>",
                 top + ph + 16.0,
-                p.rate / 1000
+                trim(k)
             );
         }
         let _ = writeln!(
@@ -391,6 +477,19 @@ fn svg(args: &Args, points: &[Point], outcomes: &[Outcome]) -> String {
             for (x, y) in pts {
                 let _ = writeln!(s, "<circle cx='{x:.1}' cy='{y:.1}' r='3' fill='{c}'/>");
             }
+            // Points where deliveries were lost are ringed.
+            for p in &rooms {
+                if let Some(o) = find(outcomes, b, p).filter(|o| o.lost() > 0) {
+                    let (x, v) = (xs(x0, f64::from(p.rate)), f(o));
+                    if v.is_finite() {
+                        let _ = writeln!(
+                            s,
+                            "<circle cx='{x:.1}' cy='{:.1}' r='7' fill='none' stroke='#c33' stroke-width='1.5'/>",
+                            y(v)
+                        );
+                    }
+                }
+            }
         }
     }
     for (bi, b) in args.backends.iter().enumerate() {
@@ -404,12 +503,22 @@ fn svg(args: &Args, points: &[Point], outcomes: &[Outcome]) -> String {
             h - 14.0
         );
     }
+    let x = left + args.backends.len() as f64 * 130.0;
+    let _ = writeln!(
+        s,
+        "<circle cx='{}' cy='{}' r='6' fill='none' stroke='#c33' stroke-width='1.5'/><text x='{}' y='{}'>deliveries lost</text>",
+        x + 6.0,
+        h - 18.0,
+        x + 16.0,
+        h - 14.0
+    );
     s.push_str("</svg>\n");
     s
 }
 
+/// A short label: no decimals where they say nothing.
 fn trim(v: f64) -> String {
-    if v >= 10.0 || v == 0.0 {
+    if v.fract().abs() < 1e-9 || v >= 100.0 {
         format!("{v:.0}")
     } else {
         format!("{v:.1}")

@@ -2,9 +2,13 @@
 //! backend on one tokio runtime (so the single node and the cluster get the same two worker
 //! threads), driven over stdin/stdout by the orchestrator.
 //!
-//! Protocol: the child prints one JSON line `{"addrs": [...]}` once every node serves and the
-//! cluster has formed; then each `stats` line on stdin is answered by one JSON line of
-//! counters; end of stdin stops it.
+//! With `--node-procs`, each node of a clustered backend runs in a process of its own instead
+//! (as pods would), and the orchestrator sums their figures.
+//!
+//! Protocol: the child prints `{"mesh": addr}` once its mesh listens (the seed of the other
+//! processes), then `{"addrs": [...]}` once every node serves and the cluster has formed; then
+//! each `stats` or `fetch <in flight> <batches>` line on stdin is answered by one JSON line;
+//! end of stdin stops it.
 
 use std::{
     net::SocketAddr,
@@ -25,7 +29,9 @@ use socketioxide::{
     extract::{Data, SocketRef},
     handler::ConnectHandler,
 };
-use socketioxide_mesh::{DevCa, Mesh, MeshAdapter, MeshConfig, StaticSeeds, TransportKind};
+use socketioxide_mesh::{
+    DevCa, Mesh, MeshAdapter, MeshConfig, StaticSeeds, TlsConfig, TransportKind,
+};
 use socketioxide_redis::{RedisAdapter, RedisAdapterCtr, drivers::redis::redis_client as redis};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -66,14 +72,40 @@ pub struct ServerStats {
     pub socket_drops: u64,
 }
 
+impl std::ops::AddAssign for ServerStats {
+    fn add_assign(&mut self, o: Self) {
+        self.publishes += o.publishes;
+        self.commands_sent += o.commands_sent;
+        self.commands_received += o.commands_received;
+        self.commands_lost += o.commands_lost;
+        self.volatile_dropped += o.volatile_dropped;
+        self.slow_peer_cutoffs += o.slow_peer_cutoffs;
+        self.peer_send_calls += o.peer_send_calls;
+        self.peer_recv_calls += o.peer_recv_calls;
+        self.peer_batches += o.peer_batches;
+        self.socket_drops += o.socket_drops;
+    }
+}
+
 pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
     let (nodes, redis_url) = (args.nodes, args.redis_url.as_str());
+    // The nodes this process hosts: all of them, or one (`--node-procs`).
+    let hosted = match args.node_index {
+        Some(i) => i..i + 1,
+        None => 0..nodes,
+    };
     let publishes = Arc::new(AtomicU64::new(0));
     let mut addrs = Vec::new();
     let mut fetchers: Vec<Fetch> = Vec::new();
     let mut meshes = Vec::new();
+    let mut out = tokio::io::stdout();
+    let mut say = async |line: serde_json::Value| -> anyhow::Result<()> {
+        out.write_all(format!("{line}\n").as_bytes()).await?;
+        Ok(out.flush().await?)
+    };
     match backend {
         "local" => {
+            say(serde_json::json!({ "mesh": null })).await?;
             let (addr, fetch) = start_node::<LocalAdapter>((), &publishes).await?;
             addrs.push(addr);
             fetchers.push(fetch);
@@ -85,9 +117,13 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
                 TransportKind::Ws
             };
             let ca = DevCa::generate("bench")?;
-            let mut seed = None;
-            for i in 0..nodes {
-                let mut cfg = MeshConfig::local(ca.node_tls(&format!("n{i}"))?)
+            let mut seed = args.seed;
+            for i in hosted {
+                let tls = match &args.certs {
+                    Some(dir) => TlsConfig::from_dir(dir.join(format!("n{i}")))?,
+                    None => ca.node_tls(&format!("n{i}"))?,
+                };
+                let mut cfg = MeshConfig::local(tls)
                     .with_transport(kind)
                     .with_gossip_interval(Duration::from_millis(100))
                     .with_cluster_id("bench");
@@ -101,10 +137,12 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
                 seed.get_or_insert(mesh.advertise_addr());
                 meshes.push(mesh);
             }
+            // Where to find this process's first node: the seed of the others.
+            say(serde_json::json!({ "mesh": meshes[0].advertise_addr() })).await?;
             for mesh in &meshes {
                 let mut m = mesh.watch_members();
                 tokio::time::timeout(
-                    Duration::from_secs(20),
+                    Duration::from_secs(30),
                     m.wait_for(|m| m.len() == nodes - 1),
                 )
                 .await
@@ -118,8 +156,9 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
             }
         }
         "redis" => {
+            say(serde_json::json!({ "mesh": null })).await?;
             let client = redis::Client::open(redis_url)?;
-            for _ in 0..nodes {
+            for _ in hosted {
                 let state = RedisAdapterCtr::new_with_redis(&client)
                     .await
                     .context("connect to redis")?;
@@ -130,25 +169,19 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
         }
         other => anyhow::bail!("unknown backend {other}"),
     }
-    let mut out = tokio::io::stdout();
-    out.write_all(format!("{}\n", serde_json::json!({ "addrs": addrs })).as_bytes())
-        .await?;
-    out.flush().await?;
+    say(serde_json::json!({ "addrs": addrs })).await?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         let words: Vec<&str> = line.split_whitespace().collect();
         let reply = match words.as_slice() {
-            ["stats"] => serde_json::to_string(&collect(&meshes, &publishes))?,
+            ["stats"] => serde_json::to_value(collect(&meshes, &publishes))?,
             ["fetch", inflight, batches] => {
                 let f = fetchers.first().context("no node")?.clone();
-                serde_json::to_string(
-                    &fetch_batches(f, inflight.parse()?, batches.parse()?).await?,
-                )?
+                serde_json::to_value(fetch_batches(f, inflight.parse()?, batches.parse()?).await?)?
             }
             _ => continue,
         };
-        out.write_all(format!("{reply}\n").as_bytes()).await?;
-        out.flush().await?;
+        say(reply).await?;
     }
     for mesh in meshes {
         mesh.shutdown().await;

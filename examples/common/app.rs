@@ -256,6 +256,11 @@ pub async fn serve(
         .layer(layer);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    // Socket.IO messages are small: without TCP_NODELAY, Nagle's algorithm and delayed ACKs
+    // hold some of them for ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "http server stopped");

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use socketioxide_mesh::TransportKind;
+use socketioxide_mesh::{MeshConfig, TransportKind};
 
 use crate::{common::*, process::*};
 
@@ -81,58 +81,58 @@ async fn graceful_shutdown_is_noticed_at_once(kind: TransportKind) -> anyhow::Re
     Ok(())
 }
 
+/// A 2-node cluster (tuned by `tune`, with a failure detector too patient to notice a frozen
+/// node during the test), a third node in its own process frozen with SIGSTOP, and a client of
+/// node 1: what node 0's broadcasts must keep reaching.
+async fn with_frozen_peer(
+    kind: TransportKind,
+    certs: &TempDir,
+    tune: impl Fn(MeshConfig) -> MeshConfig,
+) -> anyhow::Result<(Cluster, ProcNode, Client)> {
+    let c = Cluster::start_with(kind, 2, |cfg| tune(cfg).with_phi_threshold(40.0)).await?;
+    let frozen = c.join_process(certs, &[]).await?;
+    let healthy = c.nodes[1].client(&["/"]).await?;
+    frozen.signal("STOP").await?;
+    Ok((c, frozen, healthy))
+}
+
+/// Broadcast number `i` (64 KiB) from node 0; it must reach the healthy client. Closed loop:
+/// emitting never waits for the frozen peer.
+async fn big_broadcast_reaches(c: &Cluster, healthy: &mut Client, i: u32) -> anyhow::Result<()> {
+    let payload = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    c.nodes[0].io.emit("big", &(i, payload)).await.sio()?;
+    let p = healthy.event("/", "big").await?;
+    assert_eq!(p.args()[0], serde_json::json!(i));
+    assert_eq!(p.bins[0].len(), 64 * 1024);
+    Ok(())
+}
+
 async fn slow_peer_is_cut_off_without_stalling_the_others(
     kind: TransportKind,
 ) -> anyhow::Result<()> {
-    // A small queue, and a patient failure detector, so the frozen peer overflows its queue
-    // long before it is declared dead.
-    let c = Cluster::start_with(kind, 2, |cfg| {
-        cfg.with_peer_queue(8, 64 * 1024 * 1024)
-            .with_phi_threshold(40.0)
-    })
-    .await?;
+    // A small queue: the frozen peer reads nothing, its transport window then its queue fill
+    // up, and it is cut off long before it is declared dead.
     let certs = TempDir::new("slow");
-    let slow = c.join_process(&certs, &[]).await?;
-    let mut healthy = c.nodes[1].client(&["/"]).await?;
-    slow.signal("STOP").await?;
-
-    // Closed loop: each broadcast must reach the healthy peer before the next one. The frozen
-    // peer reads nothing: its transport window, then its queue fill up, and it is cut off.
-    // Emitting never waits for it.
-    let payload = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    let (c, mut slow, mut healthy) =
+        with_frozen_peer(kind, &certs, |cfg| cfg.with_peer_queue(8, 64 * 1024 * 1024)).await?;
     for i in 0..200u32 {
-        c.nodes[0]
-            .io
-            .emit("big", &(i, payload.clone()))
-            .await
-            .sio()?;
-        let p = healthy.event("/", "big").await?;
-        assert_eq!(p.args()[0], serde_json::json!(i));
-        assert_eq!(p.bins[0].len(), payload.len());
+        big_broadcast_reaches(&c, &mut healthy, i).await?;
     }
     let stats = c.nodes[0].mesh.stats();
     assert!(stats.slow_peer_cutoffs >= 1, "{stats:?}");
-    let mut slow = slow;
     slow.child.kill().await?;
     Ok(())
 }
 
 async fn stalled_peer_is_cut_off_by_the_write_deadline(kind: TransportKind) -> anyhow::Result<()> {
-    // The default queue (64 MiB: a burst never fills it), a short write deadline, and a
-    // patient failure detector: only the deadline can cut the frozen peer off.
-    let c = Cluster::start_with(kind, 2, |cfg| {
+    // The default queue (64 MiB: a burst never fills it) and a short write deadline: only the
+    // deadline can cut the frozen peer off, once its transport window is full and no command
+    // is accepted.
+    let certs = TempDir::new("stalled");
+    let (c, mut stalled, mut healthy) = with_frozen_peer(kind, &certs, |cfg| {
         cfg.with_slow_peer_timeout(Duration::from_millis(500))
-            .with_phi_threshold(40.0)
     })
     .await?;
-    let certs = TempDir::new("stalled");
-    let stalled = c.join_process(&certs, &[]).await?;
-    let mut healthy = c.nodes[1].client(&["/"]).await?;
-    stalled.signal("STOP").await?;
-
-    // Closed loop to the healthy peer, until the frozen one is cut off: once its transport
-    // window is full, no command is accepted, and the deadline passes.
-    let payload = bytes::Bytes::from(vec![7u8; 64 * 1024]);
     let started = Instant::now();
     let mut i = 0u32;
     while c.nodes[0].mesh.stats().slow_peer_cutoffs == 0 {
@@ -141,13 +141,7 @@ async fn stalled_peer_is_cut_off_by_the_write_deadline(kind: TransportKind) -> a
             "not cut off: {:?}",
             c.nodes[0].mesh.stats()
         );
-        c.nodes[0]
-            .io
-            .emit("big", &(i, payload.clone()))
-            .await
-            .sio()?;
-        let p = healthy.event("/", "big").await?;
-        assert_eq!(p.args()[0], serde_json::json!(i));
+        big_broadcast_reaches(&c, &mut healthy, i).await?;
         i += 1;
     }
     let stats = c.nodes[0].mesh.stats();
@@ -156,16 +150,7 @@ async fn stalled_peer_is_cut_off_by_the_write_deadline(kind: TransportKind) -> a
         "the stalled batch is counted: {stats:?}"
     );
     // The healthy peer goes on receiving.
-    c.nodes[0]
-        .io
-        .emit("big", &(i, payload.clone()))
-        .await
-        .sio()?;
-    assert_eq!(
-        healthy.event("/", "big").await?.args()[0],
-        serde_json::json!(i)
-    );
-    let mut stalled = stalled;
+    big_broadcast_reaches(&c, &mut healthy, i).await?;
     stalled.child.kill().await?;
     Ok(())
 }
