@@ -79,6 +79,9 @@ pub enum TlsError {
     /// Generating a development certificate failed.
     #[error("certificate generation failed: {0}")]
     Generate(String),
+    /// This node's own certificate is not one its peers accept (see [`crate::tls`]).
+    #[error("this node's certificate is not a valid node certificate: {0}")]
+    NotANodeCertificate(String),
 }
 
 /// Why a peer connection was refused or dropped. Carried in logs and in [`Error::Peer`].

@@ -72,6 +72,7 @@
 pub mod adapter;
 mod config;
 mod error;
+mod incidents;
 mod membership;
 mod mesh;
 mod peers;
@@ -86,6 +87,7 @@ pub use adapter::MeshAdapter;
 pub use async_trait::async_trait;
 pub use config::{DEFAULT_PORT, MeshConfig, TransportKind};
 pub use error::{ConfigError, Error, PeerError, TlsError};
+pub use incidents::IncidentCounts;
 pub use membership::Member;
 pub use mesh::{Mesh, MeshStats, ServerEvent};
 pub use seed::{DiscoverySeeds, StaticSeeds};

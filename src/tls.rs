@@ -1,17 +1,42 @@
 //! Mutual TLS material: every node presents a certificate signed by the cluster CA and verifies
 //! its peers' certificates against the same CA.
 //!
+//! **A node certificate** is one that chains to the cluster CA, is valid now, names the
+//! cluster's node DNS name ([`TlsConfig::server_name`], default [`DEFAULT_SERVER_NAME`]) and
+//! carries *both* the serverAuth and clientAuth extended key usages (every node dials and is
+//! dialed). Both ends of every peer connection check exactly this, with the same code
+//! ([`NodeVerifier`]): a certificate from the right CA issued for something else (the discovery
+//! service, a client, another cluster's name) is refused during the TLS handshake, before a
+//! byte of the peer protocol or of gossip is read.
+//!
 //! Production loads PEM files ([`TlsConfig::from_pem_files`]); development and tests generate a
 //! throw-away CA in memory with [`DevCa`].
 
-use std::{fs, path::Path, sync::Arc};
+use std::{
+    fs,
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
-use rustls::{RootCertStore, crypto::CryptoProvider, server::WebPkiClientVerifier, version::TLS13};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName as RootHint, RootCertStore, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    crypto::CryptoProvider,
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    version::TLS13,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
 
 use crate::error::TlsError;
 
@@ -190,13 +215,50 @@ impl TlsConfig {
         self.client_config(alpn)
     }
 
-    /// The server and client configs of a transport speaking `alpn`.
+    /// The server and client configs of a transport speaking `alpn`: both ends accept only
+    /// node certificates (see the [module docs](self)).
     pub(crate) fn transport_configs(
         &self,
         alpn: &[&[u8]],
     ) -> Result<(rustls::ServerConfig, rustls::ClientConfig), crate::ConfigError> {
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok((self.server_config(alpn.clone())?, self.client_config(alpn)?))
+        let verifier = Arc::new(self.node_verifier()?);
+        let tls_err = |e: rustls::Error| TlsError::Rustls(e.to_string());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&TLS13])
+            .map_err(tls_err)?
+            .with_client_cert_verifier(verifier.clone())
+            .with_single_cert(self.cert_chain.clone(), self.key.clone_key())
+            .map_err(tls_err)?;
+        server.alpn_protocols = alpn.clone();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&TLS13])
+            .map_err(tls_err)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.cert_chain.clone(), self.key.clone_key())
+            .map_err(tls_err)?;
+        client.alpn_protocols = alpn;
+        Ok((server, client))
+    }
+
+    /// The verifier both ends of a peer connection use.
+    pub fn node_verifier(&self) -> Result<NodeVerifier, TlsError> {
+        NodeVerifier::new(self.roots()?, &self.server_name)
+    }
+
+    /// Whether this node's own certificate is a node certificate its peers will accept now
+    /// (checked at start and on reload, to say so in the log rather than be refused in
+    /// silence).
+    pub fn check_own_certificate(&self) -> Result<(), TlsError> {
+        let verifier = self.node_verifier()?;
+        let (leaf, rest) = self
+            .cert_chain
+            .split_first()
+            .ok_or_else(|| TlsError::Rustls("no certificate".into()))?;
+        verifier
+            .verify_node(leaf, rest, UnixTime::now())
+            .map_err(|e| TlsError::NotANodeCertificate(describe_refusal(&e, verifier.name())))
     }
 
     /// A TLS 1.3 server config that requires a client certificate from the cluster CA.
@@ -261,6 +323,221 @@ fn key_from_pem(pem: &[u8], source: &str) -> Result<PrivateKeyDer<'static>, TlsE
         },
     })
 }
+
+/// Checks that a peer's certificate is a node certificate of this cluster (see the
+/// [module docs](self)); used by both ends of every peer connection, so an accepted connection
+/// and a dialed one check the same thing.
+///
+/// ```
+/// use socketioxide_mesh::{DevCa, tls::CertSpec};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let ca = DevCa::generate("cluster CA")?;
+/// let verifier = ca.node_tls("a")?.node_verifier()?;
+/// let node = ca.issue("b")?;
+/// assert!(verifier.verify_pem(&node.cert_pem).is_ok());
+/// // Same CA, but the discovery service's profile: refused by a node.
+/// let discovery = ca.issue_server(&["mesh-discovery"])?;
+/// assert!(verifier.verify_pem(&discovery.cert_pem).is_err());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct NodeVerifier {
+    /// Chain, validity, serverAuth usage and the node name.
+    server: Arc<WebPkiServerVerifier>,
+    /// Chain, validity and clientAuth usage.
+    client: Arc<dyn ClientCertVerifier>,
+    name: ServerName<'static>,
+}
+
+impl NodeVerifier {
+    fn new(roots: Arc<RootCertStore>, name: &str) -> Result<Self, TlsError> {
+        let name = ServerName::try_from(name.to_owned())
+            .map_err(|e| TlsError::Rustls(format!("bad cluster DNS name {name:?}: {e}")))?;
+        let server = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let client = WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        Ok(Self {
+            server,
+            client,
+            name,
+        })
+    }
+
+    /// The node checks, on the certificate chain a peer presented.
+    pub fn verify_node(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        self.client
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.server
+            .verify_server_cert(end_entity, intermediates, &self.name, &[], now)?;
+        Ok(())
+    }
+
+    /// [`verify_node`](Self::verify_node) on a PEM chain (leaf first), now; the error says why
+    /// it is not a node certificate.
+    pub fn verify_pem(&self, chain_pem: &str) -> Result<(), TlsError> {
+        let chain = certs_from_pem(chain_pem.as_bytes(), "certificate PEM")?;
+        let (leaf, rest) = chain.split_first().ok_or(TlsError::Missing {
+            what: "certificate",
+            source_name: "certificate PEM".into(),
+        })?;
+        self.verify_node(leaf, rest, UnixTime::now())
+            .map_err(|e| TlsError::NotANodeCertificate(describe_refusal(&e, self.name())))
+    }
+
+    /// The node DNS name it checks.
+    pub fn name(&self) -> &str {
+        match &self.name {
+            ServerName::DnsName(n) => n.as_ref(),
+            _ => "",
+        }
+    }
+}
+
+/// A refusal in words, for logs and errors.
+fn describe_refusal(e: &rustls::Error, name: &str) -> String {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(cert) = e else {
+        return e.to_string();
+    };
+    match cert {
+        C::Expired | C::ExpiredContext { .. } => "certificate expired".into(),
+        C::NotValidYet | C::NotValidYetContext { .. } => "certificate not valid yet".into(),
+        C::NotValidForName => {
+            format!("certificate does not name {name}: not a node certificate of this cluster")
+        }
+        C::NotValidForNameContext { presented, .. } => format!(
+            "certificate does not name {name} (it names {}): not a node certificate of this cluster",
+            presented.join(", ")
+        ),
+        C::InvalidPurpose => {
+            "certificate lacks the serverAuth + clientAuth usages of a node certificate".into()
+        }
+        C::InvalidPurposeContext { required, .. } => {
+            format!("certificate lacks the {required:?} usage a node certificate needs")
+        }
+        C::UnknownIssuer => "certificate not signed by the cluster CA (UnknownIssuer)".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl ServerCertVerifier for NodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // Peers are dialed by address; the name checked is always the cluster's.
+        self.verify_node(end_entity, intermediates, now)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.server.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.server.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.server.supported_verify_schemes()
+    }
+}
+
+impl ClientCertVerifier for NodeVerifier {
+    fn root_hint_subjects(&self) -> &[RootHint] {
+        self.client.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify_node(end_entity, intermediates, now)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.client.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.client.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.client.supported_verify_schemes()
+    }
+}
+
+/// What [`DevCa::issue_spec`] puts in a certificate. [`DevCa::node_spec`] gives a node's; change
+/// fields to make the certificates a node must refuse (tests of the refusal paths).
+#[derive(Debug, Clone)]
+pub struct CertSpec {
+    /// Subject common name.
+    pub common_name: String,
+    /// Subject alternative names: DNS names, or IP addresses when they parse as such.
+    pub names: Vec<String>,
+    /// The serverAuth extended key usage.
+    pub server_auth: bool,
+    /// The clientAuth extended key usage.
+    pub client_auth: bool,
+    /// Valid from.
+    pub not_before: SystemTime,
+    /// Valid until.
+    pub not_after: SystemTime,
+}
+
+impl CertSpec {
+    fn new(common_name: &str, names: Vec<String>, server_auth: bool, client_auth: bool) -> Self {
+        let now = SystemTime::now();
+        Self {
+            common_name: common_name.into(),
+            names,
+            server_auth,
+            client_auth,
+            // An hour of slack for clocks that disagree a little.
+            not_before: now - Duration::from_secs(3600),
+            not_after: now + Duration::from_secs(DEV_VALIDITY_DAYS * 86_400),
+        }
+    }
+}
+
+/// How long [`DevCa`]'s certificates are valid.
+const DEV_VALIDITY_DAYS: u64 = 365;
 
 /// A development certificate authority, generated in memory with rcgen.
 ///
@@ -342,39 +619,56 @@ impl DevCa {
         &self.cert_pem
     }
 
-    /// Issue a node certificate (server and client auth) for `node_name`, valid for the cluster
-    /// DNS name and `<node_name>.<cluster name>`.
+    /// Issue a node certificate for `node_name`: the cluster DNS name and
+    /// `<node_name>.<cluster name>`, serverAuth and clientAuth (see the [module docs](self)).
     pub fn issue(&self, node_name: &str) -> Result<NodeCert, TlsError> {
-        let sans = [
+        self.issue_spec(&self.node_spec(node_name))
+    }
+
+    /// What [`issue`](Self::issue) would put in a node certificate for `node_name`.
+    pub fn node_spec(&self, node_name: &str) -> CertSpec {
+        let names = vec![
             self.server_name.clone(),
             format!("{node_name}.{}", self.server_name),
         ];
-        self.sign(node_name, &sans)
+        CertSpec::new(node_name, names, true, true)
     }
 
-    /// Issue a certificate for a service (the discovery service, say) valid for the given DNS
-    /// names and IP addresses, with server and client authentication usages.
+    /// Issue a server certificate (the discovery service's, say) for the given DNS names and IP
+    /// addresses: serverAuth only, so no node accepts it as a peer.
     pub fn issue_server(&self, names: &[&str]) -> Result<NodeCert, TlsError> {
-        let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        self.sign(names.first().copied().unwrap_or("service"), &sans)
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let cn = names.first().cloned().unwrap_or_else(|| "service".into());
+        self.issue_spec(&CertSpec::new(&cn, names, true, false))
     }
 
-    /// A leaf certificate for `sans` (DNS names, or IP addresses when they parse as such).
-    fn sign(&self, common_name: &str, sans: &[String]) -> Result<NodeCert, TlsError> {
+    /// Issue a client certificate named `name` (clientAuth only, a DNS name `name`): for a
+    /// tool that calls the discovery service; no node accepts it as a peer.
+    pub fn issue_client(&self, name: &str) -> Result<NodeCert, TlsError> {
+        self.issue_spec(&CertSpec::new(name, vec![name.into()], false, true))
+    }
+
+    /// Issue a certificate as `spec` says.
+    pub fn issue_spec(&self, spec: &CertSpec) -> Result<NodeCert, TlsError> {
         let gen_err = |e: rcgen::Error| TlsError::Generate(e.to_string());
-        let mut params = CertificateParams::new(sans.to_vec()).map_err(gen_err)?;
+        let mut params = CertificateParams::new(spec.names.clone()).map_err(gen_err)?;
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
-            .push(DnType::CommonName, common_name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+            .push(DnType::CommonName, spec.common_name.as_str());
+        params.extended_key_usages = [
+            (spec.server_auth, ExtendedKeyUsagePurpose::ServerAuth),
+            (spec.client_auth, ExtendedKeyUsagePurpose::ClientAuth),
+        ]
+        .into_iter()
+        .filter_map(|(on, usage)| on.then_some(usage))
+        .collect();
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
+        params.not_before = spec.not_before.into();
+        params.not_after = spec.not_after.into();
         let key = KeyPair::generate().map_err(gen_err)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
         Ok(NodeCert {
@@ -426,6 +720,61 @@ mod tests {
         let tls = ca.node_tls("n1").unwrap();
         assert!(tls.server_config(vec![b"x".to_vec()]).is_ok());
         assert!(tls.client_config(vec![b"x".to_vec()]).is_ok());
+    }
+
+    #[test]
+    fn only_node_certificates_pass_the_node_check() {
+        let ca = DevCa::generate("test CA").unwrap();
+        let verifier = ca.node_tls("a").unwrap().node_verifier().unwrap();
+        let check = |spec: &CertSpec| verifier.verify_pem(&ca.issue_spec(spec).unwrap().cert_pem);
+        let node = ca.node_spec("b");
+        check(&node).unwrap();
+
+        let refused = |f: &dyn Fn(&mut CertSpec), why: &str| {
+            let mut spec = node.clone();
+            f(&mut spec);
+            let err = check(&spec).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        };
+        refused(
+            &|s| s.names = vec!["mesh-discovery".into()],
+            "does not name",
+        );
+        refused(&|s| s.server_auth = false, "usage");
+        refused(&|s| s.client_auth = false, "usage");
+        let day = Duration::from_secs(86_400);
+        refused(&|s| s.not_after = SystemTime::now() - day, "expired");
+        refused(&|s| s.not_before = SystemTime::now() + day, "not valid yet");
+        // The other profiles DevCa issues are not node certificates either.
+        for other in [
+            ca.issue_server(&["mesh-discovery"]).unwrap(),
+            ca.issue_client("admin").unwrap(),
+        ] {
+            verifier.verify_pem(&other.cert_pem).unwrap_err();
+        }
+        // Nor is a node certificate from another CA.
+        let rogue = DevCa::generate("rogue CA").unwrap();
+        let err = verifier
+            .verify_pem(&rogue.issue("b").unwrap().cert_pem)
+            .unwrap_err();
+        assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    }
+
+    #[test]
+    fn own_certificate_check_says_why() {
+        let ca = DevCa::generate("test CA").unwrap();
+        ca.node_tls("a").unwrap().check_own_certificate().unwrap();
+        let mut spec = ca.node_spec("a");
+        spec.client_auth = false;
+        let cert = ca.issue_spec(&spec).unwrap();
+        let tls = TlsConfig::from_pem(
+            ca.cert_pem().as_bytes(),
+            cert.cert_pem.as_bytes(),
+            cert.key_pem.as_bytes(),
+        )
+        .unwrap();
+        let err = tls.check_own_certificate().unwrap_err();
+        assert!(matches!(err, TlsError::NotANodeCertificate(_)), "{err}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 use super::Shared;
 use crate::{
     error::PeerError,
+    incidents::Incident,
     transport::{CloseCode, Conn, RecvStream, SendStream, TransportError},
     wire::{self, Hello, HelloReply, Query, QueryHeader, UniHeader},
 };
@@ -134,11 +135,15 @@ pub(super) async fn accept(shared: &Shared, conn: &Conn) -> Result<Hello, PeerEr
     .await
     .unwrap_or(Err(PeerError::HandshakeTimeout));
     if let Err(e) = &res {
-        shared
-            .stats
-            .handshakes_refused
-            .fetch_add(1, Ordering::Relaxed);
-        warn!(remote = %conn.remote_addr(), error = %e, "refused peer handshake");
+        match incident_of(e, false) {
+            Some(incident) => {
+                shared
+                    .transport
+                    .incidents()
+                    .report_inbound(incident, conn.remote_addr(), e)
+            }
+            None => debug!(remote = %conn.remote_addr(), error = %e, "refused peer handshake"),
+        }
         // Give the reply a moment to leave before the close discards it.
         tokio::time::sleep(Duration::from_millis(20)).await;
         conn.close(CloseCode::Refused, &e.to_string());
@@ -198,6 +203,22 @@ pub(super) async fn serve(
     };
     streams.shutdown().await;
     err
+}
+
+/// What kind of incident a failed handshake is; `None` for the harmless ones (this node's own
+/// address among its seeds).
+pub(super) fn incident_of(e: &PeerError, dialing: bool) -> Option<Incident> {
+    Some(match e {
+        PeerError::SelfConnect => return None,
+        PeerError::BadMagic
+        | PeerError::Malformed(_)
+        | PeerError::FrameTooLarge { .. }
+        | PeerError::TransportKind { .. } => Incident::NotAPeer,
+        PeerError::Version { .. } | PeerError::Cluster { .. } => Incident::RefusedHello,
+        PeerError::Refused(_) => Incident::HelloRejected,
+        PeerError::HandshakeTimeout => Incident::HandshakeTimeout,
+        PeerError::Transport(text) => crate::transport::classify(text, dialing),
+    })
 }
 
 /// Report a protocol violation: log, count, cut the peer off.

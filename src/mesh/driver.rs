@@ -18,6 +18,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{Routes, Shared, conn, link::Link};
+use crate::incidents::SUMMARY_EVERY;
 use crate::{
     MeshConfig,
     membership::{Member, keys, parse_members},
@@ -99,6 +100,7 @@ pub(super) async fn spawn(
         .tasks
         .spawn(seed_loop(shared.clone(), cfg.seed_interval, seeds_tx));
     shared.tasks.spawn(load_loop(shared.clone()));
+    shared.tasks.spawn(summary_loop(shared.clone()));
     if let Some(every) = cfg.tls_reload {
         shared
             .tasks
@@ -242,10 +244,16 @@ impl Driver {
                     peer,
                     dialed: Some(addr),
                 },
-                Err(e) => Event::DialFailed {
-                    addr,
-                    error: e.to_string(),
-                },
+                Err(e) => {
+                    match conn::incident_of(&e, true) {
+                        Some(incident) => shared.transport.incidents().report(incident, addr, &e),
+                        None => debug!(%addr, error = %e, "dial failed"),
+                    }
+                    Event::DialFailed {
+                        addr,
+                        error: e.to_string(),
+                    }
+                }
             };
             // The driver may be gone (shutdown).
             let _ = tx.send(ev).await;
@@ -297,7 +305,7 @@ impl Driver {
                     .stats
                     .dials_failed
                     .fetch_add(1, Ordering::Relaxed);
-                debug!(%addr, %error, "dial failed");
+                let _ = error;
                 self.table.dial_failed(now, addr, fastrand::f64());
             }
             Event::Disconnected { conn, error } => {
@@ -362,7 +370,11 @@ impl Driver {
         self.publish_routes();
         let before = self.shared.members_tx.borrow().len();
         if before != members.len() {
-            info!(members = members.len() + 1, "mesh membership changed");
+            // The same count as `Mesh::members()`: the other nodes, not this one.
+            info!(
+                members = members.len(),
+                before, "mesh membership changed (members: the other live nodes)"
+            );
         }
         self.shared.members_tx.send_replace(Arc::new(members));
     }
@@ -463,6 +475,18 @@ async fn seed_loop(shared: Arc<Shared>, interval: Duration, tx: mpsc::Sender<Vec
 }
 
 /// Publishes the number of local sockets in gossip, for observability.
+/// Says what the incident log held back, every [`SUMMARY_EVERY`].
+async fn summary_loop(shared: Arc<Shared>) {
+    let mut ticker = tokio::time::interval(SUMMARY_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = ticker.tick() => shared.transport.incidents().summarize(),
+        }
+    }
+}
+
 async fn load_loop(shared: Arc<Shared>) {
     let mut ticker = tokio::time::interval(LOAD_INTERVAL);
     let mut last = None;
@@ -508,7 +532,13 @@ async fn tls_reload_loop(shared: Arc<Shared>, tls: crate::TlsConfig, every: Dura
         seen = modified;
         match tls.reload() {
             Some(Ok(new)) => match shared.transport.reload_tls(&new) {
-                Ok(()) => info!("TLS files changed: new connections use the new certificates"),
+                Ok(()) => match new.check_own_certificate() {
+                    Ok(()) => info!("TLS files changed: new connections use the new certificates"),
+                    Err(e) => warn!(
+                        error = %e,
+                        "TLS files changed: new connections use them, but peers will refuse this certificate"
+                    ),
+                },
                 Err(e) => {
                     warn!(error = %e, "TLS files changed but cannot be used: keeping the current ones")
                 }

@@ -66,7 +66,6 @@ pub(crate) struct Stats {
     pub slow_peer_cutoffs: AtomicU64,
     pub socket_buffer_drops: AtomicU64,
     pub protocol_errors: AtomicU64,
-    pub handshakes_refused: AtomicU64,
     pub dials_failed: AtomicU64,
     pub requests: AtomicU64,
     pub request_peer_failures: AtomicU64,
@@ -112,6 +111,9 @@ pub struct MeshStats {
     pub handshakes_refused: u64,
     /// Outgoing connections that failed (unreachable, refused by TLS or by the handshake).
     pub dials_failed: u64,
+    /// Refused connections and failed dials by cause (each logged once per cause and
+    /// address at WARN, then summarised).
+    pub incidents: crate::IncidentCounts,
     /// Requests sent (fetch_sockets, rooms, broadcast with ack, server events with ack).
     pub requests: u64,
     /// Peers that failed to answer a request (died, disconnected, timed out).
@@ -263,6 +265,9 @@ impl Mesh {
     /// driver. Returns once the node listens; peers are found in the background.
     pub async fn start(config: MeshConfig) -> Result<Mesh, Error> {
         config.validate()?;
+        if let Err(e) = config.tls.check_own_certificate() {
+            warn!(error = %e, "peers will refuse this node's certificate");
+        }
         let settings = TransportSettings::from_config(&config);
         let transport = match config.transport {
             TransportKind::Quic => Endpoint::Quic(QuicTransport::bind(
@@ -419,9 +424,9 @@ impl Mesh {
             peer_send_calls: l(&io.send_calls),
             peer_recv_calls: l(&io.recv_calls),
             protocol_errors: l(&s.protocol_errors) + self.shared.transport.protocol_errors(),
-            handshakes_refused: l(&s.handshakes_refused)
-                + self.shared.transport.handshake_failures(),
+            handshakes_refused: self.shared.transport.incidents().inbound_refused(),
             dials_failed: l(&s.dials_failed),
+            incidents: self.shared.transport.incidents().counts(),
             requests: l(&s.requests),
             request_peer_failures: l(&s.request_peer_failures),
             queries_answered: l(&s.queries_answered),

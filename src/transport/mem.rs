@@ -73,6 +73,7 @@ impl MemNetwork {
             max_frame,
             incoming: AsyncMutex::new(rx),
             io: IoCounters::default(),
+            incidents: Default::default(),
         }
     }
 
@@ -109,6 +110,7 @@ pub(crate) struct MemTransport {
     incoming: AsyncMutex<mpsc::Receiver<MemConn>>,
     /// Always zero: no system call is made.
     io: IoCounters,
+    incidents: std::sync::Arc<crate::incidents::Incidents>,
 }
 
 impl MemTransport {
@@ -135,7 +137,7 @@ impl MemTransport {
                     MemConn::pair(self.addr, addr, self.max_frame, self.max_frame);
                 local.shared.set_closed(TransportError::Closed {
                     code: None,
-                    reason: "peer refused our certificate".into(),
+                    reason: "rejected by peer: bad certificate".into(),
                 });
                 return Ok(Conn::Mem(local));
             }
@@ -161,8 +163,8 @@ impl MemTransport {
         }
     }
 
-    pub(crate) fn handshake_failures(&self) -> u64 {
-        0
+    pub(crate) fn incidents(&self) -> &std::sync::Arc<crate::incidents::Incidents> {
+        &self.incidents
     }
 
     pub(crate) fn reload_tls(&self, _tls: &crate::TlsConfig) -> Result<(), crate::Error> {

@@ -17,14 +17,13 @@ use std::{
     fmt,
     future::Future,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
     time::Duration,
 };
 
 use bytes::Bytes;
+
+use crate::incidents::{Incident, Incidents};
 use tokio::{
     sync::{Semaphore, mpsc},
     task::JoinSet,
@@ -142,10 +141,9 @@ impl Endpoint {
         dispatch!(self, t => t.close())
     }
 
-    /// Incoming connections refused during the transport handshake (bad or missing
-    /// certificate, timeout) since the endpoint opened.
-    pub(crate) fn handshake_failures(&self) -> u64 {
-        dispatch!(self, t => t.handshake_failures())
+    /// Where the endpoint counts and logs refused connections (shared with the mesh).
+    pub(crate) fn incidents(&self) -> &Arc<Incidents> {
+        dispatch!(self, t => t.incidents())
     }
 
     /// Use new TLS material (rotated certificates) for connections from now on; open
@@ -269,6 +267,8 @@ impl RecvStream {
 /// Settings every transport honours.
 #[derive(Debug, Clone)]
 pub(crate) struct TransportSettings {
+    /// Where refused connections are counted and logged (rate-limited).
+    pub incidents: Arc<Incidents>,
     pub max_frame_size: usize,
     pub max_concurrent_streams: u32,
     pub keep_alive_interval: std::time::Duration,
@@ -279,12 +279,55 @@ pub(crate) struct TransportSettings {
 impl TransportSettings {
     pub(crate) fn from_config(cfg: &crate::MeshConfig) -> Self {
         Self {
+            incidents: Arc::default(),
             max_frame_size: cfg.max_frame_size,
             max_concurrent_streams: cfg.max_concurrent_streams,
             keep_alive_interval: cfg.keep_alive_interval,
             idle_timeout: cfg.idle_timeout,
             connect_timeout: cfg.connect_timeout,
         }
+    }
+}
+
+/// The cause of a failed connection, from the error's text (quinn's and rustls' messages,
+/// which carry the TLS alert and who sent it). `dialing`: the failure is of a connection this
+/// node opened, where "nothing answered" means unreachable rather than a stalled handshake.
+pub(crate) fn classify(error: &str, dialing: bool) -> Incident {
+    let e = error.to_ascii_lowercase();
+    let by_peer = e.contains("by peer") || e.contains("received fatal alert");
+    let certificate = e.contains("certificate")
+        || ["42", "43", "44", "45", "46", "48", "116"]
+            .iter()
+            .any(|alert| e.contains(&format!("error {alert}:")));
+    if e.contains("no application protocol")
+        || e.contains("noapplicationprotocol")
+        || e.contains("error 120")
+    {
+        Incident::NotAPeer
+    } else if certificate && by_peer {
+        Incident::CertificateRejected
+    } else if certificate {
+        Incident::RefusedCertificate
+    } else if e.contains("timed out") {
+        if dialing {
+            Incident::Unreachable
+        } else {
+            Incident::HandshakeTimeout
+        }
+    } else if dialing
+        && [
+            "connection refused",
+            "unreachable",
+            "no route",
+            "reset by peer",
+            "os error",
+        ]
+        .iter()
+        .any(|p| e.contains(p))
+    {
+        Incident::Unreachable
+    } else {
+        Incident::NotAPeer
     }
 }
 
@@ -298,42 +341,50 @@ pub(crate) struct Handshakes<C> {
     permits: Arc<Semaphore>,
     tasks: JoinSet<()>,
     accepted: mpsc::Sender<C>,
-    refused: Arc<AtomicU64>,
+    incidents: Arc<Incidents>,
     timeout: Duration,
 }
 
 impl<C: Send + 'static> Handshakes<C> {
     pub(crate) fn new(
         accepted: mpsc::Sender<C>,
-        refused: Arc<AtomicU64>,
+        incidents: Arc<Incidents>,
         timeout: Duration,
     ) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
             tasks: JoinSet::new(),
             accepted,
-            refused,
+            incidents,
             timeout,
         }
     }
 
-    /// Whether another handshake may start now.
-    pub(crate) fn has_room(&self) -> bool {
-        self.permits.available_permits() > 0
+    /// Whether another handshake may start now; if not, the connection from `remote` is
+    /// counted and logged as turned away (the caller closes it).
+    pub(crate) fn has_room(&self, remote: SocketAddr) -> bool {
+        let room = self.permits.available_permits() > 0;
+        if !room {
+            self.incidents
+                .report_inbound(Incident::Busy, remote, &"too many pending handshakes");
+        }
+        room
     }
 
     /// Run `handshake` (bounded by the timeout); a success is handed to `accept`, a failure
-    /// is logged and counted. Returns false, starting nothing, when too many are in progress.
+    /// is counted and logged (rate-limited) with its cause. Returns false, starting nothing,
+    /// when too many are in progress.
     pub(crate) fn start<F>(&mut self, remote: SocketAddr, handshake: F) -> bool
     where
         F: Future<Output = Result<C, String>> + Send + 'static,
     {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "too many pending handshakes, refusing connection");
+            self.incidents
+                .report_inbound(Incident::Busy, remote, &"too many pending handshakes");
             return false;
         };
-        let (accepted, refused, timeout) =
-            (self.accepted.clone(), self.refused.clone(), self.timeout);
+        let (accepted, incidents, timeout) =
+            (self.accepted.clone(), self.incidents.clone(), self.timeout);
         self.tasks.spawn(async move {
             let result = tokio::time::timeout(timeout, handshake).await;
             drop(permit);
@@ -343,13 +394,9 @@ impl<C: Send + 'static> Handshakes<C> {
                         tracing::debug!("transport dropped, discarding accepted connection");
                     }
                 }
-                Ok(Err(e)) => {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%remote, error = %e, "refused inbound peer connection (handshake failed)");
-                }
+                Ok(Err(e)) => incidents.report_inbound(classify(&e, false), remote, &e),
                 Err(_) => {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%remote, "inbound peer handshake timed out");
+                    incidents.report_inbound(Incident::HandshakeTimeout, remote, &"TLS handshake")
                 }
             }
         });
@@ -360,6 +407,77 @@ impl<C: Send + 'static> Handshakes<C> {
     pub(crate) async fn reap(&mut self) {
         if self.tasks.join_next().await.is_none() {
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_told_apart_by_who_refused_what() {
+        let cases = [
+            // Messages seen on this machine (quinn, rustls, tokio-rustls, tungstenite, std).
+            (
+                "tls: the cryptographic handshake failed: error 42: invalid peer certificate: certificate not valid for name \"x\"",
+                false,
+                Incident::RefusedCertificate,
+            ),
+            (
+                "tls: aborted by peer: the cryptographic handshake failed: error 45: invalid peer certificate: certificate expired",
+                false,
+                Incident::CertificateRejected,
+            ),
+            (
+                "transport: connection closed: aborted by peer: the cryptographic handshake failed: error 43: invalid peer certificate: certificate does not allow extended key usage",
+                true,
+                Incident::CertificateRejected,
+            ),
+            (
+                "transport: connect: the cryptographic handshake failed: error 48: invalid peer certificate: UnknownIssuer",
+                true,
+                Incident::RefusedCertificate,
+            ),
+            (
+                "tls: peer sent no certificates",
+                false,
+                Incident::RefusedCertificate,
+            ),
+            (
+                "transport: connection closed: received fatal alert: BadCertificate",
+                true,
+                Incident::CertificateRejected,
+            ),
+            (
+                "tls: received corrupt message of type InvalidContentType",
+                false,
+                Incident::NotAPeer,
+            ),
+            (
+                "tls: aborted by peer: the cryptographic handshake failed: error 120: peer doesn't support any known protocol",
+                false,
+                Incident::NotAPeer,
+            ),
+            (
+                "websocket: HTTP format error: invalid HTTP method parsed",
+                false,
+                Incident::NotAPeer,
+            ),
+            (
+                "transport: connect: timed out dialing 10.0.0.1:4000",
+                true,
+                Incident::Unreachable,
+            ),
+            (
+                "transport: connect: Connection refused (os error 111)",
+                true,
+                Incident::Unreachable,
+            ),
+            ("timed out", false, Incident::HandshakeTimeout),
+        ];
+        for (text, dialing, want) in cases {
+            assert_eq!(classify(text, dialing), want, "{text}");
         }
     }
 }

@@ -22,7 +22,7 @@ use super::{
     CloseCode, Conn, Handshakes, IoCounters, MAX_PENDING_HANDSHAKES, RecvStream, SendStream,
     TransportError, TransportSettings, frame,
 };
-use crate::{error::Error, tls::TlsConfig};
+use crate::{error::Error, incidents::Incidents, tls::TlsConfig};
 
 /// ALPN of the peer protocol over QUIC.
 pub(crate) const ALPN: &[u8] = b"sio-mesh/1";
@@ -37,7 +37,6 @@ pub(crate) struct QuicTransport {
     server_name: String,
     settings: TransportSettings,
     accepted_rx: Mutex<mpsc::Receiver<QuicConn>>,
-    refused: Arc<AtomicU64>,
     io: Arc<IoCounters>,
     /// Owns the accept task; aborted when the transport is dropped.
     _accept_task: tokio::task::JoinHandle<()>,
@@ -113,13 +112,12 @@ impl QuicTransport {
         .map_err(bind_err)?;
         let local_addr = endpoint.local_addr().map_err(bind_err)?;
         let (tx, rx) = mpsc::channel(MAX_PENDING_HANDSHAKES);
-        let refused = Arc::new(AtomicU64::new(0));
         let accept_task = tokio::spawn(accept_loop(
             endpoint.clone(),
             tx,
             settings.connect_timeout,
             settings.max_frame_size,
-            refused.clone(),
+            settings.incidents.clone(),
         ));
         Ok(Self {
             endpoint,
@@ -128,7 +126,6 @@ impl QuicTransport {
             server_name: tls.server_name().to_owned(),
             settings,
             accepted_rx: Mutex::new(rx),
-            refused,
             io,
             _accept_task: accept_task,
         })
@@ -152,9 +149,9 @@ async fn accept_loop(
     tx: mpsc::Sender<QuicConn>,
     timeout: std::time::Duration,
     max_frame: usize,
-    refused: Arc<AtomicU64>,
+    incidents: Arc<Incidents>,
 ) {
-    let mut handshakes = Handshakes::new(tx, refused, timeout);
+    let mut handshakes = Handshakes::new(tx, incidents, timeout);
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
@@ -162,8 +159,7 @@ async fn accept_loop(
         };
         let Some(incoming) = incoming else { break };
         let remote = incoming.remote_address();
-        if !handshakes.has_room() {
-            tracing::warn!(%remote, "too many pending handshakes, refusing connection");
+        if !handshakes.has_room(remote) {
             incoming.refuse();
             continue;
         }
@@ -213,8 +209,8 @@ impl QuicTransport {
             .close(VarInt::from_u32(CloseCode::Leaving as u32), b"node leaving");
     }
 
-    pub(crate) fn handshake_failures(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+    pub(crate) fn incidents(&self) -> &Arc<Incidents> {
+        &self.settings.incidents
     }
 
     pub(crate) fn reload_tls(&self, tls: &TlsConfig) -> Result<(), Error> {

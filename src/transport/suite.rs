@@ -27,6 +27,7 @@ const BIG: usize = 4 * 1024 * 1024;
 
 fn settings(max_frame: usize) -> TransportSettings {
     TransportSettings {
+        incidents: Default::default(),
         max_frame_size: max_frame,
         max_concurrent_streams: 1024,
         keep_alive_interval: Duration::from_millis(200),

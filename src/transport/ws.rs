@@ -57,7 +57,7 @@ use super::{
     CloseCode, Conn, Handshakes, IoCounters, MAX_PENDING_HANDSHAKES, RecvStream, SendStream,
     TransportError, TransportSettings, frame,
 };
-use crate::{error::Error, tls::TlsConfig};
+use crate::{error::Error, incidents::Incidents, tls::TlsConfig};
 
 /// ALPN of the peer protocol over WebSocket, version 1: one frame per `DATA` message.
 pub(crate) const ALPN_V1: &[u8] = b"sio-mesh-ws/1";
@@ -122,7 +122,6 @@ pub(crate) struct WsTransport {
 
 #[derive(Default)]
 struct Counters {
-    refused: Arc<AtomicU64>,
     protocol: AtomicU64,
     io: Arc<IoCounters>,
 }
@@ -246,6 +245,10 @@ impl Drop for WsTransport {
     }
 }
 
+/// The first pause after a failed `accept`, doubled on each failure in a row up to the max.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 async fn accept_loop(
     listener: TcpListener,
     acceptor: Arc<std::sync::RwLock<TlsAcceptor>>,
@@ -254,7 +257,9 @@ async fn accept_loop(
     counters: Arc<Counters>,
     mut closed: watch::Receiver<bool>,
 ) {
-    let mut handshakes = Handshakes::new(tx, counters.refused.clone(), settings.connect_timeout);
+    let mut handshakes = Handshakes::new(tx, settings.incidents.clone(), settings.connect_timeout);
+    // Accept errors (out of file descriptors...) back off instead of spinning.
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -262,12 +267,25 @@ async fn accept_loop(
             _ = closed.wait_for(|c| *c) => return,
         };
         let (tcp, remote) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                a
+            }
             Err(e) => {
-                debug!(error = %e, "tcp accept failed");
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    tracing::warn!(error = %e, "tcp accept failed: backing off");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = closed.wait_for(|c| *c) => return,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
+        if !handshakes.has_room(remote) {
+            continue;
+        }
         let acceptor = acceptor.read().unwrap_or_else(|e| e.into_inner()).clone();
         let (settings, counters, closed) = (settings.clone(), counters.clone(), closed.clone());
         // Refused when full: dropping the TCP stream closes it.
@@ -353,8 +371,8 @@ impl WsTransport {
         self.closed.send_replace(true);
     }
 
-    pub(crate) fn handshake_failures(&self) -> u64 {
-        self.counters.refused.load(Ordering::Relaxed)
+    pub(crate) fn incidents(&self) -> &Arc<Incidents> {
+        &self.settings.incidents
     }
 
     pub(crate) fn io(&self) -> &IoCounters {

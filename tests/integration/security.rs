@@ -1,8 +1,13 @@
 //! Only nodes with a certificate from the cluster CA *and* the right cluster id become members;
 //! anything else cannot deliver a single frame or gossip message.
 
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
 use serde_json::json;
-use socketioxide_mesh::{DevCa, TransportKind};
+use socketioxide_mesh::{DevCa, TlsConfig, TransportKind, tls::CertSpec};
 
 use crate::{common::*, raw::*};
 
@@ -141,6 +146,205 @@ async fn rotated_certificates_are_picked_up_without_restart(
     Ok(())
 }
 
+/// Certificates from the cluster CA that are not node certificates.
+fn not_node_certificates(ca: &DevCa) -> Vec<(&'static str, CertSpec)> {
+    let day = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    let node = ca.node_spec("intruder");
+    let with = |f: &dyn Fn(&mut CertSpec)| {
+        let mut spec = node.clone();
+        f(&mut spec);
+        spec
+    };
+    vec![
+        // The profile the README gives the discovery service, with both usages.
+        (
+            "another DNS name",
+            with(&|s| s.names = vec!["mesh-discovery".into()]),
+        ),
+        ("serverAuth only", with(&|s| s.client_auth = false)),
+        ("clientAuth only", with(&|s| s.server_auth = false)),
+        (
+            "another cluster's name",
+            with(&|s| s.names = vec!["other-cluster.internal".into()]),
+        ),
+        (
+            "expired",
+            with(&|s| {
+                s.not_before = now - 2 * day;
+                s.not_after = now - day;
+            }),
+        ),
+        (
+            "not yet valid",
+            with(&|s| {
+                s.not_before = now + day;
+                s.not_after = now + 2 * day;
+            }),
+        ),
+    ]
+}
+
+/// A certificate from the right CA that is not a node certificate is refused by the node it
+/// dials (inbound check) and by a node that dials it (outbound check): never a member on
+/// either side, and the cluster answers `fetch_sockets` without waiting for it.
+async fn certificates_that_are_not_node_certificates_are_refused_both_ways(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
+    // One client per node, both in room "probe".
+    let mut clients = [
+        c.nodes[0].client(&["/"]).await?,
+        c.nodes[1].client(&["/"]).await?,
+    ];
+    for client in &mut clients {
+        client
+            .emit_with_ack("/", "join", vec![json!("probe")])
+            .await?;
+    }
+    for (what, spec) in not_node_certificates(&c.ca) {
+        let cert = c.ca.issue_spec(&spec)?;
+        let tls = TlsConfig::from_pem(
+            c.ca.cert_pem().as_bytes(),
+            cert.cert_pem.as_bytes(),
+            cert.key_pem.as_bytes(),
+        )?;
+        // Inbound: it dials node 0.
+        let before = c.nodes[0].mesh.stats().handshakes_refused;
+        let intruder = start_node(c.outsider(tls)).await?;
+        refused_at_least(&c.nodes[0], before + 1)
+            .await
+            .map_err(|e| e.context(what))?;
+
+        // Outbound: a good node whose only seed is the intruder dials it and refuses it.
+        let newcomer = start_node(config(
+            kind,
+            &c.ca,
+            "newcomer",
+            &[intruder.mesh.advertise_addr()],
+        ))
+        .await?;
+        tokio::time::timeout(WAIT, async {
+            while newcomer.mesh.stats().dials_failed == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("{what}: the newcomer never refused the intruder"))?;
+        assert!(
+            newcomer.mesh.members().is_empty(),
+            "{what}: the newcomer took the intruder as a member"
+        );
+        cluster_intact(&c, Some(&intruder))
+            .await
+            .map_err(|e| e.context(what))?;
+
+        // No member to wait for: fetch_sockets answers at once (the request timeout is 5 s).
+        let started = Instant::now();
+        let sockets = c.nodes[0].io.to("probe").fetch_sockets().await.sio()?;
+        assert_eq!(sockets.len(), 2, "{what}: one local and one remote socket");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{what}: fetch_sockets took {:?}",
+            started.elapsed()
+        );
+        newcomer.shutdown().await;
+        intruder.shutdown().await;
+    }
+    Ok(())
+}
+
+/// The WARN lines the mesh logs on this thread. The flood tests run on a current-thread
+/// runtime, so every task of the node under test logs here, and nothing of other tests does.
+#[derive(Clone, Default)]
+struct Warnings(Arc<Mutex<Vec<String>>>);
+
+impl Warnings {
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Text<'a>(&'a mut String);
+        impl tracing::field::Visit for Text<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                use std::fmt::Write;
+                let _ = write!(self.0, "{}={value:?} ", field.name());
+            }
+        }
+        let meta = event.metadata();
+        if *meta.level() == tracing::Level::WARN && meta.target().starts_with("socketioxide_mesh") {
+            let mut line = String::new();
+            event.record(&mut Text(&mut line));
+            self.0.lock().unwrap().push(line);
+        }
+    }
+}
+
+/// Hundreds of bad connections from one address: every one counted by cause, a few log lines.
+async fn a_flood_of_bad_connections_makes_a_few_log_lines(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tracing_subscriber::layer::SubscriberExt;
+    const N: u64 = 200;
+    let warnings = Warnings::default();
+    let _logs =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+    let ca = DevCa::generate("test CA")?;
+    let node = start_node(config(kind, &ca, "target", &[])).await?;
+    let addr = node.mesh.advertise_addr();
+    let first_reason = match kind {
+        // Not TLS at all.
+        TransportKind::Ws => {
+            for _ in 0..N {
+                let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+                let mut rest = Vec::new();
+                let _ = tcp.read_to_end(&mut rest).await;
+            }
+            "not a mesh peer"
+        }
+        // TLS without a client certificate.
+        TransportKind::Quic => {
+            let peer = RawPeer::new(kind, ca.cert_pem(), None)?;
+            for _ in 0..N {
+                let res = peer.handshake(addr, &peer.good_hello("test-cluster")).await;
+                assert!(res.is_err(), "a peer without a certificate got a reply");
+            }
+            "certificate is not accepted"
+        }
+    };
+    refused_at_least(&node, N).await?;
+    let counts = node.mesh.stats().incidents;
+    assert_eq!(
+        counts.not_a_peer + counts.refused_certificate,
+        N,
+        "{counts:?}"
+    );
+    let lines = warnings.lines();
+    // One line with the reason; a summary if the 10 s tick passed meanwhile.
+    assert!(
+        !lines.is_empty() && lines.len() <= 2,
+        "{} lines: {lines:#?}",
+        lines.len()
+    );
+    assert!(lines[0].contains(first_reason), "{lines:#?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn quic_a_flood_of_bad_connections_makes_a_few_log_lines() -> anyhow::Result<()> {
+    a_flood_of_bad_connections_makes_a_few_log_lines(TransportKind::Quic).await
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn ws_a_flood_of_bad_connections_makes_a_few_log_lines() -> anyhow::Result<()> {
+    a_flood_of_bad_connections_makes_a_few_log_lines(TransportKind::Ws).await
+}
+
 /// The header frame of a command stream starting at sequence 0.
 pub fn commands_header() -> anyhow::Result<Vec<u8>> {
     #[derive(serde::Serialize)]
@@ -182,6 +386,7 @@ pub fn broadcast_all(event: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 both_transports!(
+    certificates_that_are_not_node_certificates_are_refused_both_ways,
     node_from_another_ca_never_joins,
     node_without_certificate_is_refused,
     node_of_another_cluster_is_refused_with_a_reason,
