@@ -37,6 +37,8 @@ pub(crate) enum Action {
     Route { node: NodeId, conn: Option<ConnId> },
     /// Forget `node`: it died or left; drop its queue and fail what waits on it.
     Forget { node: NodeId },
+    /// `addr` belonged to a member declared dead (or gone): gossip no longer dials it.
+    StopDialing { addr: SocketAddr },
 }
 
 /// Exponential backoff with ±25% jitter.
@@ -85,8 +87,19 @@ pub(crate) struct PeerTable {
     addrs: HashMap<SocketAddr, Addr>,
     /// Which node each open connection belongs to.
     conns: HashMap<ConnId, NodeId>,
+    /// Addresses of members declared dead or gone, and since when. Gossip wants them (chitchat
+    /// keeps gossiping to dead members for their grace period) but is no reason to dial: a
+    /// node that comes back dials us itself. Seeds still dial them.
+    dead: HashMap<SocketAddr, Instant>,
     actions: VecDeque<Action>,
 }
+
+/// How long a dead member's address is not dialed for gossip (chitchat's default grace for
+/// dead members in this crate is as long).
+pub(crate) const DEAD_ADDR_MEMORY: Duration = Duration::from_secs(300);
+/// Quick retries of a bare address (a seed) whose dial failed, before it waits to be wanted
+/// again: nodes started together find each other although some listen a moment later.
+const BARE_ADDR_RETRIES: u32 = 3;
 
 impl PeerTable {
     pub(crate) fn new(me: NodeId, my_addr: SocketAddr, backoff: Backoff, max_addrs: usize) -> Self {
@@ -98,6 +111,7 @@ impl PeerTable {
             nodes: HashMap::new(),
             addrs: HashMap::new(),
             conns: HashMap::new(),
+            dead: HashMap::new(),
             actions: VecDeque::new(),
         }
     }
@@ -112,7 +126,7 @@ impl PeerTable {
     }
 
     /// The full set of live members (without us), as membership sees it now.
-    pub(crate) fn set_live(&mut self, live: &[(NodeId, SocketAddr)]) {
+    pub(crate) fn set_live(&mut self, now: Instant, live: &[(NodeId, SocketAddr)]) {
         let live_ids: HashMap<NodeId, SocketAddr> = live
             .iter()
             .copied()
@@ -125,9 +139,17 @@ impl PeerTable {
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
+            // Unless another live member took the address (a restart in place).
+            if let Some(n) = self.nodes.get(&id)
+                && !live_ids.values().any(|a| *a == n.addr)
+            {
+                let addr = n.addr;
+                self.mark_dead(now, addr, true);
+            }
             self.forget(id, CloseCode::PeerDead);
         }
         for (id, addr) in live_ids {
+            self.dead.remove(&addr);
             let node = self.nodes.entry(id).or_insert(Node {
                 addr,
                 live: true,
@@ -141,8 +163,46 @@ impl PeerTable {
 
     /// The node said goodbye (closed with "leaving"): forget it now, without waiting for
     /// membership to notice.
-    pub(crate) fn departed(&mut self, id: NodeId) {
+    pub(crate) fn departed(&mut self, now: Instant, id: NodeId) {
+        if let Some(n) = self.nodes.get(&id) {
+            let addr = n.addr;
+            // It said goodbye: nothing to report.
+            self.mark_dead(now, addr, false);
+        }
         self.forget(id, CloseCode::Leaving);
+    }
+
+    fn mark_dead(&mut self, now: Instant, addr: SocketAddr, report: bool) {
+        if self.dead.len() >= self.max_addrs {
+            self.dead
+                .retain(|_, since| now.duration_since(*since) < DEAD_ADDR_MEMORY);
+            if self.dead.len() >= self.max_addrs {
+                return;
+            }
+        }
+        if self.dead.insert(addr, now).is_none() && report {
+            self.actions.push_back(Action::StopDialing { addr });
+        }
+        if let Some(a) = self.addrs.get_mut(&addr) {
+            a.wanted = false;
+        }
+    }
+
+    /// Gossip has a message for `addr` and no connection to carry it: dial, unless `addr` is
+    /// a dead member's. Returns whether a dial is wanted.
+    pub(crate) fn want_for_gossip(&mut self, now: Instant, addr: SocketAddr) -> bool {
+        match self.dead.get(&addr) {
+            Some(since) if now.duration_since(*since) < DEAD_ADDR_MEMORY => false,
+            Some(_) => {
+                self.dead.remove(&addr);
+                self.want(now, addr);
+                true
+            }
+            None => {
+                self.want(now, addr);
+                true
+            }
+        }
     }
 
     fn forget(&mut self, id: NodeId, code: CloseCode) {
@@ -164,6 +224,7 @@ impl PeerTable {
         addr: SocketAddr,
         dialed: bool,
     ) {
+        self.dead.remove(&addr);
         if dialed && let Some(a) = self.addrs.get_mut(&addr) {
             a.dialing = false;
             a.wanted = false;
@@ -247,15 +308,17 @@ impl PeerTable {
 
     /// A dial failed.
     pub(crate) fn dial_failed(&mut self, now: Instant, addr: SocketAddr, jitter: f64) {
-        // A member we must dial is retried; a bare address only when wanted again.
+        // A member we must dial is retried; a bare address a few times quickly, then only when
+        // wanted again.
         let member = self
             .nodes
             .iter()
             .any(|(id, n)| n.addr == addr && n.canonical.is_none() && self.i_dial(*id) && n.live);
+        let dead = self.dead.contains_key(&addr);
         if let Some(a) = self.addrs.get_mut(&addr) {
             a.dialing = false;
-            a.wanted = member;
             a.failures = a.failures.saturating_add(1);
+            a.wanted = member || (!dead && a.failures <= BARE_ADDR_RETRIES);
             a.next_attempt = now + self.backoff.delay(a.failures, jitter);
         }
     }
@@ -404,10 +467,10 @@ mod tests {
         let (low, high) = ids();
         let now = Instant::now();
         let mut t = table(low);
-        t.set_live(&[(high, addr(2))]);
+        t.set_live(now, &[(high, addr(2))]);
         assert_eq!(drain(&mut t, now), vec![Action::Dial(addr(2))]);
         // Dial in flight: no second dial.
-        t.set_live(&[(high, addr(2))]);
+        t.set_live(now, &[(high, addr(2))]);
         assert_eq!(drain(&mut t, now), vec![]);
         t.connected(now, 7, high, addr(2), true);
         assert_eq!(
@@ -425,7 +488,7 @@ mod tests {
         let (low, high) = ids();
         let now = Instant::now();
         let mut t = table(high);
-        t.set_live(&[(low, addr(2))]);
+        t.set_live(now, &[(low, addr(2))]);
         assert_eq!(drain(&mut t, now), vec![]);
         // The lower node dials us: canonical.
         t.connected(now, 3, low, addr(2), false);
@@ -467,7 +530,7 @@ mod tests {
         let (low, high) = ids();
         let t0 = Instant::now();
         let mut t = table(low);
-        t.set_live(&[(high, addr(2))]);
+        t.set_live(t0, &[(high, addr(2))]);
         assert_eq!(drain(&mut t, t0), vec![Action::Dial(addr(2))]);
         t.dial_failed(t0, addr(2), 0.5);
         assert_eq!(drain(&mut t, t0 + 99 * MS), vec![]);
@@ -490,14 +553,15 @@ mod tests {
         let (low, high) = ids();
         let now = Instant::now();
         let mut t = table(low);
-        t.set_live(&[(high, addr(2))]);
+        t.set_live(now, &[(high, addr(2))]);
         drain(&mut t, now);
         t.connected(now, 5, high, addr(2), true);
         drain(&mut t, now);
-        t.set_live(&[]);
+        t.set_live(now, &[]);
         assert_eq!(
             drain(&mut t, now),
             vec![
+                Action::StopDialing { addr: addr(2) },
                 Action::Close {
                     conn: 5,
                     code: CloseCode::PeerDead
@@ -509,11 +573,66 @@ mod tests {
     }
 
     #[test]
+    fn gossip_does_not_dial_a_dead_member_until_it_comes_back() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(low);
+        t.set_live(now, &[(high, addr(2))]);
+        drain(&mut t, now);
+        t.connected(now, 5, high, addr(2), true);
+        t.set_live(now, &[]);
+        drain(&mut t, now);
+        // Chitchat gossips to dead members for their grace period: no dial for that.
+        for i in 1..100 {
+            assert!(!t.want_for_gossip(now + i * 100 * MS, addr(2)));
+        }
+        assert_eq!(drain(&mut t, now + 10_000 * MS), vec![]);
+        // A seed source may still name it: seeds are dialed.
+        t.want(now, addr(2));
+        assert_eq!(drain(&mut t, now), vec![Action::Dial(addr(2))]);
+        t.dial_failed(now, addr(2), 0.5);
+        // A failed dial to a dead member's address is not retried on its own.
+        assert_eq!(drain(&mut t, now + 60_000 * MS), vec![]);
+        // It comes back (it dials us): gossip may dial it again later.
+        t.connected(now, 6, high, addr(2), false);
+        t.set_live(now, &[(high, addr(2))]);
+        drain(&mut t, now);
+        assert!(t.want_for_gossip(now, addr(2)));
+        // Long dead addresses are dialed again (an address reused by a new node).
+        let mut t = table(low);
+        t.set_live(now, &[(high, addr(3))]);
+        t.set_live(now, &[]);
+        assert!(t.want_for_gossip(now + DEAD_ADDR_MEMORY, addr(3)));
+    }
+
+    #[test]
+    fn a_seed_that_is_not_listening_yet_is_retried_quickly() {
+        let (low, _) = ids();
+        let now = Instant::now();
+        let mut t = table(low);
+        t.want(now, addr(7));
+        assert_eq!(drain(&mut t, now), vec![Action::Dial(addr(7))]);
+        let mut at = now;
+        for _ in 0..BARE_ADDR_RETRIES {
+            t.dial_failed(at, addr(7), 0.5);
+            at = t.poll_timeout().expect("a retry is scheduled");
+            assert!(
+                at - now < 1000 * MS,
+                "retried within the backoff, not the seed round"
+            );
+            assert_eq!(drain(&mut t, at), vec![Action::Dial(addr(7))]);
+        }
+        // Then it waits to be wanted again (next seed round).
+        t.dial_failed(at, addr(7), 0.5);
+        assert_eq!(drain(&mut t, at + 60_000 * MS), vec![]);
+    }
+
+    #[test]
     fn lost_connection_to_live_member_is_redialed() {
         let (low, high) = ids();
         let now = Instant::now();
         let mut t = table(low);
-        t.set_live(&[(high, addr(2))]);
+        t.set_live(now, &[(high, addr(2))]);
         drain(&mut t, now);
         t.connected(now, 5, high, addr(2), true);
         drain(&mut t, now);
@@ -586,17 +705,17 @@ mod tests {
         }
         let now = Instant::now();
         let mut t = table(low);
-        t.set_live(&[(old, addr(2))]);
+        t.set_live(now, &[(old, addr(2))]);
         assert_eq!(drain(&mut t, now), vec![Action::Dial(addr(2))]);
         // The address now answers as the new incarnation.
         t.connected(now, 1, new, addr(2), true);
         drain(&mut t, now);
         // Gossip still lists the old one as live for a while: no dial loop for it.
-        t.set_live(&[(old, addr(2)), (new, addr(2))]);
+        t.set_live(now, &[(old, addr(2)), (new, addr(2))]);
         assert_eq!(drain(&mut t, now + 10 * MS), vec![]);
         assert_eq!(drain(&mut t, now + 1000 * MS), vec![]);
         // Once declared dead it is forgotten; the new one keeps its connection.
-        t.set_live(&[(new, addr(2))]);
+        t.set_live(now, &[(new, addr(2))]);
         assert_eq!(drain(&mut t, now), vec![Action::Forget { node: old }]);
         assert_eq!(t.route(new), Some(1));
     }

@@ -15,10 +15,10 @@ use tokio::{
     sync::mpsc,
     time::{Instant, sleep_until},
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::{Routes, Shared, conn, link::Link};
-use crate::incidents::SUMMARY_EVERY;
+use crate::incidents::{Incident, SUMMARY_EVERY};
 use crate::{
     MeshConfig,
     membership::{Member, keys, parse_members},
@@ -176,6 +176,11 @@ impl Driver {
                     let link = self.ensure_link(node);
                     link.set_conn(conn);
                 }
+                Action::StopDialing { addr } => self.shared.transport.incidents().report(
+                    Incident::DeadMember,
+                    addr,
+                    &"gossip keeps it for its grace period; it dials back if it returns",
+                ),
                 Action::Forget { node } => {
                     let link = self
                         .shared
@@ -324,7 +329,7 @@ impl Driver {
                 {
                     info!(peer = %entry.node, "peer is leaving");
                     self.departed.insert(entry.node);
-                    self.table.departed(entry.node);
+                    self.table.departed(now, entry.node);
                 } else {
                     debug!(peer = %entry.node, %error, "peer connection closed");
                 }
@@ -360,7 +365,7 @@ impl Driver {
 
         let pairs: Vec<(NodeId, SocketAddr)> =
             members.iter().map(|m| (*m.node_id, m.addr)).collect();
-        self.table.set_live(&pairs);
+        self.table.set_live(std::time::Instant::now(), &pairs);
         for m in &members {
             self.ensure_link(*m.node_id);
         }
@@ -390,7 +395,11 @@ impl Driver {
                     debug!(%addr, "gossip queue of connection full, message dropped");
                 }
             }
-            None => self.table.want(std::time::Instant::now(), addr),
+            None => {
+                if !self.table.want_for_gossip(std::time::Instant::now(), addr) {
+                    trace!(%addr, "no gossip to a dead member's address");
+                }
+            }
         }
     }
 }

@@ -29,6 +29,7 @@ mod client;
 mod common;
 mod death;
 mod discovery;
+mod formation;
 mod js;
 mod mixed;
 mod ordering;

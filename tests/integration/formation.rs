@@ -1,0 +1,46 @@
+//! Nodes started together form a cluster at once, even when a seed starts listening a moment
+//! after the node that dials it.
+
+use std::time::{Duration, Instant};
+
+use socketioxide_mesh::{DevCa, TransportKind};
+
+use crate::common::*;
+
+/// A free port on 127.0.0.1 for `kind` (UDP for QUIC, TCP for WebSocket), released at once.
+fn free_addr(kind: TransportKind) -> anyhow::Result<std::net::SocketAddr> {
+    Ok(match kind {
+        TransportKind::Quic => std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?,
+        TransportKind::Ws => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
+    })
+}
+
+/// Node A starts first and dials B's address, where nothing listens yet; B starts 300 ms
+/// later without seeds. With the production seed interval (5 s), A must not wait for its next
+/// seed round: on `ws` the refused TCP connection used to cost exactly that.
+async fn a_seed_that_starts_late_is_joined_without_waiting_for_the_next_seed_round(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    logs();
+    let ca = DevCa::generate("formation CA")?;
+    let b_addr = free_addr(kind)?;
+    let seed_round = Duration::from_secs(5);
+    let a = start_node(config(kind, &ca, "a", &[b_addr]).with_seed_interval(seed_round)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let b = start_node(
+        config(kind, &ca, "b", &[])
+            .with_listen_addr(b_addr)
+            .with_seed_interval(seed_round),
+    )
+    .await?;
+    converge(&[&a, &b]).await?;
+    let took = started.elapsed();
+    assert!(
+        took < seed_round / 2,
+        "formed in {took:?}: it waited for a seed round ({seed_round:?})"
+    );
+    Ok(())
+}
+
+both_transports!(a_seed_that_starts_late_is_joined_without_waiting_for_the_next_seed_round);
