@@ -39,6 +39,7 @@ use tracing::{debug, warn};
 
 use crate::{
     Error, Mesh,
+    incidents::Incident,
     mesh::{Mode, NsHandler, Outgoing},
     wire::{Command, CommandRef, PacketRef, Query, QueryRef, Reply, WireValue},
 };
@@ -311,11 +312,19 @@ impl<E: SocketEmitter> NsHandler for MeshAdapter<E> {
                         .iter()
                         .filter(|e| matches!(e, SocketError::InternalChannelFull))
                         .count();
-                    self.mesh
-                        .shared
+                    let shared = &self.mesh.shared;
+                    shared
                         .stats
                         .socket_buffer_drops
                         .fetch_add(full as u64, std::sync::atomic::Ordering::Relaxed);
+                    if full > 0 {
+                        shared.transport.incidents().note_loss(
+                            Incident::SocketBufferFull,
+                            None,
+                            full as u64,
+                            &format_args!("namespace {}", self.ns()),
+                        );
+                    }
                     debug!(ns = self.ns(), errors = ?e, "some sockets missed a broadcast from a peer");
                 }
             }

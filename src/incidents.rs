@@ -54,10 +54,18 @@ pub(crate) enum Incident {
     Unreachable,
     /// Dials to a member declared dead were stopped.
     DeadMember,
+    /// Packets of peers' broadcasts that local sockets could not take (buffer full).
+    SocketBufferFull,
+    /// Commands a peer sent that never arrived (a connection broke with them in flight).
+    CommandsMissed,
+    /// Commands queued to a peer and dropped: it was cut off or is gone.
+    CommandsDropped,
+    /// Volatile broadcasts not queued to a peer that fell behind.
+    VolatileShed,
 }
 
 impl Incident {
-    const ALL: [Incident; 9] = [
+    const ALL: [Incident; 13] = [
         Incident::RefusedCertificate,
         Incident::CertificateRejected,
         Incident::NotAPeer,
@@ -67,6 +75,10 @@ impl Incident {
         Incident::Busy,
         Incident::Unreachable,
         Incident::DeadMember,
+        Incident::SocketBufferFull,
+        Incident::CommandsMissed,
+        Incident::CommandsDropped,
+        Incident::VolatileShed,
     ];
 
     /// The log message: says which side refused.
@@ -81,12 +93,21 @@ impl Incident {
             Incident::Busy => "too many handshakes in progress: connection turned away",
             Incident::Unreachable => "peer unreachable",
             Incident::DeadMember => "member declared dead: no more dials to it",
+            Incident::SocketBufferFull => {
+                "local sockets' buffers were full: packets of peers' broadcasts dropped \
+                 (raise socketioxide's max_buffer_size)"
+            }
+            Incident::CommandsMissed => {
+                "commands from a peer never arrived: a connection broke with them in flight"
+            }
+            Incident::CommandsDropped => "commands to a peer dropped: it was cut off or is gone",
+            Incident::VolatileShed => "volatile broadcasts dropped: a peer fell behind",
         }
     }
 }
 
 /// Exact counts of incidents since the node started ([`MeshStats::incidents`](crate::MeshStats)).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct IncidentCounts {
     /// Peers whose certificate this node refused (not from the cluster CA, not a node
@@ -144,6 +165,30 @@ impl Incidents {
         );
         if first {
             tracing::warn!(%remote, reason = %reason, "{}", incident.message());
+        }
+    }
+
+    /// Log a loss of `n` messages (counted by the caller in [`MeshStats`](crate::MeshStats)),
+    /// rate-limited like the incidents; `peer` is `None` for a local cause.
+    pub(crate) fn note_loss(
+        &self,
+        incident: Incident,
+        peer: Option<SocketAddr>,
+        n: u64,
+        reason: &dyn fmt::Display,
+    ) {
+        let ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
+        let first = self.log.lock().unwrap_or_else(|e| e.into_inner()).admit_n(
+            Instant::now(),
+            incident,
+            ip,
+            n,
+        );
+        if first {
+            match peer {
+                Some(peer) => tracing::warn!(%peer, lost = n, %reason, "{}", incident.message()),
+                None => tracing::warn!(lost = n, %reason, "{}", incident.message()),
+            }
         }
     }
 
@@ -226,6 +271,11 @@ impl Limiter {
 
     /// Whether this occurrence gets a full line; if not, it is kept for the summary.
     fn admit(&mut self, now: Instant, incident: Incident, ip: IpAddr) -> bool {
+        self.admit_n(now, incident, ip, 1)
+    }
+
+    /// [`admit`](Self::admit) for an occurrence that stands for `n` events.
+    fn admit_n(&mut self, now: Instant, incident: Incident, ip: IpAddr, n: u64) -> bool {
         if now.duration_since(self.window_start) >= FORGET_AFTER {
             self.seen.clear();
             self.firsts = [0; Incident::ALL.len()];
@@ -236,7 +286,7 @@ impl Limiter {
             self.firsts[i] += 1;
             return true;
         }
-        self.pending[i] += 1;
+        self.pending[i] += n;
         if self.pending_addrs[i].len() < ADDRS_PER_SUMMARY {
             self.pending_addrs[i].insert(ip);
         }

@@ -248,7 +248,7 @@ pub async fn serve(
                         "node_id": mesh.node_id().to_string(),
                         "addr": mesh.advertise_addr().to_string(),
                         "members": members,
-                        "stats": format!("{:?}", mesh.stats()),
+                        "stats": mesh.stats(),
                     }))
                 }
             }),

@@ -248,14 +248,9 @@ async fn read_uni_inner(
     };
     match wire::decode::<UniHeader>(&header)? {
         UniHeader::Commands { start_seq } => {
-            let applied = shared.inbound(*peer.node_id);
-            // Commands before `start_seq` were lost with a previous connection: queries that
-            // wait for them must not wait forever.
-            applied.send_if_modified(|n| {
-                let moved = start_seq > *n;
-                *n = (*n).max(start_seq);
-                moved
-            });
+            // Commands before `start_seq` not applied yet were lost with a previous
+            // connection: counted, and queries that wait for them stop waiting.
+            let applied = shared.command_stream_starts(peer, start_seq);
             // Apply everything that arrived together, then publish the progress once: one
             // wake-up of waiting queries per batch, not per command.
             while let Some(frame) = recv.recv().await? {

@@ -17,7 +17,7 @@ use tokio::{
 };
 use tracing::{debug, info, trace, warn};
 
-use super::{Routes, Shared, conn, link::Link};
+use super::{Routes, Shared, Side, conn, link::Link};
 use crate::incidents::{Incident, SUMMARY_EVERY};
 use crate::{
     MeshConfig,
@@ -188,16 +188,13 @@ impl Driver {
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&node);
+                    let sent = link.as_ref().map(|l| l.next_seq());
                     if let Some(link) = link {
                         link.set_gone();
                         forgot = true;
                         info!(peer = %link.node_uid, "peer left the mesh");
                     }
-                    self.shared
-                        .inbound
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&node);
+                    self.shared.retire(&node, sent);
                 }
             }
         }
@@ -227,11 +224,21 @@ impl Driver {
             .entry(node)
             .or_insert_with(|| {
                 let uid = Uid::from_str(node.as_str()).unwrap_or_default();
+                // A node that comes back continues its numbering (see `Retired`).
+                let first_seq = self
+                    .shared
+                    .retired
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(Side::Sent, &node, std::time::Instant::now())
+                    .unwrap_or(0);
                 Link::spawn(
                     node,
                     uid,
                     self.shared.settings.link_limits,
+                    first_seq,
                     self.shared.stats.clone(),
+                    self.shared.transport.incidents().clone(),
                     &self.shared.tasks,
                     self.shared.cancel.clone(),
                 )

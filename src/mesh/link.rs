@@ -31,6 +31,7 @@ use tracing::{debug, warn};
 
 use super::Stats;
 use crate::{
+    incidents::{Incident, Incidents},
     peers::NodeId,
     transport::{CloseCode, Conn, SendStream, TransportError},
     wire::{self, UniHeader},
@@ -78,6 +79,10 @@ pub(crate) struct Link {
     cut_off: AtomicBool,
     pub state: watch::Sender<LinkState>,
     stats: Arc<Stats>,
+    incidents: Arc<Incidents>,
+    /// The sequence number of the first command: where an earlier link to the same node
+    /// stopped, so the peer can count what it missed in between.
+    first_seq: u64,
 }
 
 /// Why a command was not queued.
@@ -90,12 +95,16 @@ pub(crate) enum EnqueueError {
 }
 
 impl Link {
-    /// Create a link and spawn its writer on `tasks`.
+    /// Create a link whose first command has sequence number `first_seq` and spawn its writer
+    /// on `tasks`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn spawn(
         node: NodeId,
         node_uid: Uid,
         limits: LinkLimits,
+        first_seq: u64,
         stats: Arc<Stats>,
+        incidents: Arc<Incidents>,
         tasks: &tokio_util::task::TaskTracker,
         cancel: CancellationToken,
     ) -> Arc<Link> {
@@ -108,10 +117,12 @@ impl Link {
             queued: AtomicUsize::new(0),
             queued_bytes: AtomicUsize::new(0),
             limits,
-            next_seq: AtomicU64::new(0),
+            next_seq: AtomicU64::new(first_seq),
             cut_off: AtomicBool::new(false),
             state,
             stats,
+            incidents,
+            first_seq,
         });
         let writer = Writer {
             link: link.clone(),
@@ -220,13 +231,16 @@ struct Writer {
 impl Writer {
     async fn run(mut self, cancel: CancellationToken) {
         // Sequence number of the next command taken off the queue.
-        let mut seq: u64 = 0;
+        let mut seq: u64 = self.link.first_seq;
         let mut failed: Option<u64> = None;
         loop {
             let conn = tokio::select! {
                 conn = self.next_conn(failed) => match conn {
                     Some(c) => c,
-                    None => return,
+                    None => {
+                        self.drop_queue("gone: declared dead or left");
+                        return;
+                    }
                 },
                 _ = cancel.cancelled() => return,
             };
@@ -243,22 +257,34 @@ impl Writer {
                 _ = cancel.cancelled() => return,
             }
             if self.link.cut_off.swap(false, Ordering::AcqRel) {
-                let mut dropped = 0u64;
-                while let Ok(frame) = self.queue_rx.try_recv() {
-                    self.link
-                        .queued_bytes
-                        .fetch_sub(frame.len(), Ordering::AcqRel);
-                    self.link.queued.fetch_sub(1, Ordering::AcqRel);
-                    seq += 1;
-                    dropped += 1;
-                }
-                self.link
-                    .stats
-                    .commands_lost
-                    .fetch_add(dropped, Ordering::Relaxed);
-                warn!(peer = %self.link.node_uid, dropped, "dropped the queue of a cut-off peer");
+                seq += self.drop_queue("cut off: it did not keep up");
             }
         }
+    }
+
+    /// Drop what is queued, counted as lost; returns how many.
+    fn drop_queue(&mut self, why: &str) -> u64 {
+        let mut dropped = 0u64;
+        while let Ok(frame) = self.queue_rx.try_recv() {
+            self.link
+                .queued_bytes
+                .fetch_sub(frame.len(), Ordering::AcqRel);
+            self.link.queued.fetch_sub(1, Ordering::AcqRel);
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.link
+                .stats
+                .commands_lost
+                .fetch_add(dropped, Ordering::Relaxed);
+            self.link.incidents.note_loss(
+                Incident::CommandsDropped,
+                None,
+                dropped,
+                &format_args!("peer {} {why}", self.link.node_uid),
+            );
+        }
+        dropped
     }
 
     /// The next connection to use, never the one that just failed.
@@ -354,6 +380,12 @@ impl Writer {
                 link.stats
                     .commands_lost
                     .fetch_add(n as u64, Ordering::Relaxed);
+                link.incidents.note_loss(
+                    Incident::CommandsDropped,
+                    None,
+                    n as u64,
+                    &format_args!("peer {}: write failed: {e}", link.node_uid),
+                );
                 Err(e)
             }
             Err(_) => {

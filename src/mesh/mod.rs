@@ -19,7 +19,7 @@ use std::{
         Arc, Mutex, OnceLock, RwLock, Weak,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -38,6 +38,7 @@ pub(crate) use routes::Routes;
 
 use crate::{
     Error, MeshConfig, TransportKind,
+    incidents::Incident,
     membership::{Member, Membership, keys},
     peers::NodeId,
     seed::SeedContext,
@@ -55,12 +56,67 @@ pub(crate) trait NsHandler: Send + Sync + 'static {
     fn num_sockets(&self) -> usize;
 }
 
+/// Which sequence a [`Retired`] entry is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Side {
+    /// Commands this node numbered for the peer.
+    Sent,
+    /// Commands of the peer this node applied.
+    Applied,
+}
+
+/// Where the command sequences of forgotten nodes (declared dead, left) stopped, kept for a
+/// while: a node that comes back (a frozen process resumed) continues its numbering, so what
+/// it missed in between is counted exactly ([`MeshStats::commands_missed`]). Bounded; the
+/// receiving side keeps its entries twice as long and twice as many as the sending side, so
+/// a gap is never measured against a forgotten count.
+#[derive(Debug, Default)]
+pub(crate) struct Retired {
+    sent: HashMap<NodeId, (u64, Instant)>,
+    applied: HashMap<NodeId, (u64, Instant)>,
+}
+
+/// How long, and how many, sending sequences are kept (receiving: twice).
+const RETIRED_FOR: Duration = crate::peers::DEAD_ADDR_MEMORY;
+const MAX_RETIRED: usize = 4096;
+
+impl Retired {
+    fn map(&mut self, side: Side) -> (&mut HashMap<NodeId, (u64, Instant)>, u32) {
+        match side {
+            Side::Sent => (&mut self.sent, 1),
+            Side::Applied => (&mut self.applied, 2),
+        }
+    }
+
+    pub(crate) fn put(&mut self, side: Side, node: NodeId, seq: u64, now: Instant) {
+        let (map, scale) = self.map(side);
+        let max = MAX_RETIRED * scale as usize;
+        if map.len() >= max {
+            map.retain(|_, (_, at)| now.duration_since(*at) < RETIRED_FOR * scale);
+        }
+        if map.len() >= max {
+            // Still full of recent entries: forget the oldest.
+            if let Some(oldest) = map.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| *k) {
+                map.remove(&oldest);
+            }
+        }
+        map.insert(node, (seq, now));
+    }
+
+    pub(crate) fn take(&mut self, side: Side, node: &NodeId, now: Instant) -> Option<u64> {
+        let (map, scale) = self.map(side);
+        let (seq, at) = map.remove(node)?;
+        (now.duration_since(at) < RETIRED_FOR * scale).then_some(seq)
+    }
+}
+
 /// Counters of what happened on this node since it started. Cheap to read.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub commands_sent: AtomicU64,
     pub commands_received: AtomicU64,
     pub commands_lost: AtomicU64,
+    pub commands_missed: AtomicU64,
     pub batches_sent: AtomicU64,
     pub volatile_dropped: AtomicU64,
     pub slow_peer_cutoffs: AtomicU64,
@@ -74,15 +130,22 @@ pub(crate) struct Stats {
 }
 
 /// A snapshot of a node's counters ([`Mesh::stats`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct MeshStats {
     /// Commands (broadcasts, joins, leaves, disconnects, server events) written to peers.
     pub commands_sent: u64,
     /// Commands received from peers and applied.
     pub commands_received: u64,
-    /// Commands lost because a connection broke or a slow peer was cut off.
+    /// Commands this node queued to a peer and dropped: the peer was cut off (slow), is gone
+    /// (declared dead, left), or the write failed (then some of the batch may have arrived:
+    /// an upper bound; the receiver's `commands_missed` is exact).
     pub commands_lost: u64,
+    /// Commands peers sent to this node that never arrived: a connection broke with them in
+    /// flight or queued (this node froze, was cut off as slow, or was declared dead and came
+    /// back). Counted exactly, from the gap in the peer's sequence numbers when its next
+    /// command stream starts.
+    pub commands_missed: u64,
     /// Stream writes that carried the commands sent: `commands_sent / batches_sent` is the
     /// average number of commands per write.
     pub batches_sent: u64,
@@ -195,6 +258,8 @@ pub(crate) struct Shared {
     pub namespaces: RwLock<HashMap<String, Weak<dyn NsHandler>>>,
     /// Commands applied per peer (for queries that must see them).
     pub inbound: Mutex<HashMap<NodeId, watch::Sender<u64>>>,
+    /// Sequence numbers of forgotten nodes, for when they come back.
+    pub retired: Mutex<Retired>,
     pub server_handler: RwLock<Option<ServerEventHandler>>,
     pub members_tx: watch::Sender<Arc<Vec<Member>>>,
     pub request_permits: Arc<Semaphore>,
@@ -330,6 +395,7 @@ impl Mesh {
             routes: ArcSwap::from_pointee(Routes::default()),
             namespaces: RwLock::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
+            retired: Mutex::new(Retired::default()),
             server_handler: RwLock::new(None),
             members_tx,
             request_permits: Arc::new(Semaphore::new(config.max_in_flight_requests)),
@@ -415,6 +481,7 @@ impl Mesh {
             commands_sent: l(&s.commands_sent),
             commands_received: l(&s.commands_received),
             commands_lost: l(&s.commands_lost),
+            commands_missed: l(&s.commands_missed),
             batches_sent: l(&s.batches_sent),
             volatile_dropped: l(&s.volatile_dropped),
             slow_peer_cutoffs: l(&s.slow_peer_cutoffs),
@@ -580,6 +647,12 @@ impl Shared {
                 Ok(()) => {}
                 Err(EnqueueError::Full) if volatile => {
                     self.stats.volatile_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.transport.incidents().note_loss(
+                        Incident::VolatileShed,
+                        None,
+                        1,
+                        &format_args!("peer {}", link.node_uid),
+                    );
                 }
                 Err(EnqueueError::Full) => {
                     self.stats.commands_lost.fetch_add(1, Ordering::Relaxed);
@@ -639,8 +712,59 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(peer)
-            .or_insert_with(|| watch::channel(0).0)
+            .or_insert_with(|| {
+                let restored = self.retired.lock().unwrap_or_else(|e| e.into_inner()).take(
+                    Side::Applied,
+                    &peer,
+                    Instant::now(),
+                );
+                watch::channel(restored.unwrap_or(0)).0
+            })
             .clone()
+    }
+
+    /// A command stream from `peer` starts at `start_seq`: the commands before it that were
+    /// not applied never will be. Counts them and moves the applied count past them (queries
+    /// waiting for them must not wait forever).
+    pub(crate) fn command_stream_starts(&self, peer: &Hello, start_seq: u64) -> watch::Sender<u64> {
+        let applied = self.inbound(*peer.node_id);
+        let mut missed = 0;
+        applied.send_if_modified(|n| {
+            missed = start_seq.saturating_sub(*n);
+            *n = (*n).max(start_seq);
+            missed > 0
+        });
+        if missed > 0 {
+            self.stats
+                .commands_missed
+                .fetch_add(missed, Ordering::Relaxed);
+            self.transport.incidents().note_loss(
+                Incident::CommandsMissed,
+                Some(peer.advertise_addr),
+                missed,
+                &format_args!("peer {}", peer.node_id),
+            );
+        }
+        applied
+    }
+
+    /// The node is forgotten (dead or gone): keep where its sequences stopped, in both
+    /// directions, for when it comes back.
+    pub(crate) fn retire(&self, node: &NodeId, sent: Option<u64>) {
+        let applied = self
+            .inbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(node)
+            .map(|tx| *tx.borrow());
+        let now = Instant::now();
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sent) = sent {
+            retired.put(Side::Sent, *node, sent, now);
+        }
+        if let Some(applied) = applied {
+            retired.put(Side::Applied, *node, applied, now);
+        }
     }
 
     /// Apply a command received from `from`.

@@ -107,9 +107,15 @@ pub async fn start_node(config: MeshConfig) -> anyhow::Result<Node> {
 
 /// Serve Socket.IO on an existing mesh.
 pub async fn serve(mesh: Mesh) -> anyhow::Result<Node> {
+    serve_with_buffer(mesh, 4096).await
+}
+
+/// Serve Socket.IO on an existing mesh with socketioxide's per-socket buffer of
+/// `max_buffer_size` packets (its default is 128).
+pub async fn serve_with_buffer(mesh: Mesh, max_buffer_size: usize) -> anyhow::Result<Node> {
     let (layer, io) = SocketIo::builder()
         .ack_timeout(Duration::from_secs(30))
-        .max_buffer_size(4096)
+        .max_buffer_size(max_buffer_size)
         .with_adapter::<A>(mesh.clone())
         .build_layer();
     for ns in NAMESPACES {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use socketioxide_mesh::{MeshConfig, TransportKind};
 
+use crate::process::members as members_of;
 use crate::{common::*, process::*};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -161,6 +162,26 @@ async fn stalled_peer_is_cut_off_by_the_write_deadline(kind: TransportKind) -> a
     );
     // The healthy peer goes on receiving.
     big_broadcast_reaches(&c, &mut healthy, i).await?;
+
+    // The stalled node resumes: when node 0's next command stream reaches it, it counts the
+    // commands it missed.
+    stalled.signal("CONT").await?;
+    let lost = c.nodes[0].mesh.stats().commands_lost;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let missed = proc_stats(&stalled).await["commands_missed"]
+            .as_u64()
+            .unwrap_or(0);
+        if missed >= 1 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the resumed node counts {missed} missed commands, node 0 dropped {lost}: {}",
+            proc_stats(&stalled).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stalled.child.kill().await?;
     Ok(())
 }
@@ -228,7 +249,63 @@ async fn a_dead_member_is_not_dialed_again(kind: TransportKind) -> anyhow::Resul
     Ok(())
 }
 
+/// A node frozen long enough to be declared dead, then resumed: the commands queued for it
+/// were dropped (counted by the sender), and when it is back it counts everything it missed
+/// from the gap in the sender's numbering, which continues across the death.
+async fn a_node_declared_dead_then_back_counts_what_it_missed(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
+    let certs = TempDir::new("frozen-dead");
+    let frozen = c
+        .join_process(&certs, &[("MESH_GOSSIP_INTERVAL_MS", "50")])
+        .await?;
+    let _client = Client::connect(frozen.http, &["/"]).await?;
+    frozen.signal("STOP").await?;
+    // More than the transport's window holds: some of it waits in node 0's queue.
+    let payload = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    for i in 0..300u32 {
+        c.nodes[0].io.emit("big", &(i, &payload)).await.sio()?;
+    }
+    let mut members = c.nodes[0].mesh.watch_members();
+    tokio::time::timeout(WAIT, members.wait_for(|m| m.len() == 1)).await??;
+    // Its link's writer drops the queue as it stops (counted by then).
+    let deadline = Instant::now() + WAIT;
+    while c.nodes[0].mesh.stats().commands_lost == 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nothing counted lost: {:?}",
+            c.nodes[0].mesh.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lost = c.nodes[0].mesh.stats().commands_lost;
+
+    frozen.signal("CONT").await?;
+    members_of(&frozen, 2).await?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = proc_stats(&frozen).await;
+        let missed = stats["commands_missed"].as_u64().unwrap_or(0);
+        // Node 0's count is an upper bound (a failed write may have delivered part of its
+        // batch); the receiver's is exact: some, and no more than node 0 ever sent it.
+        if missed >= 1 {
+            assert!(missed <= 300 + 10, "{stats}");
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "back, it counts {missed} missed commands; node 0 dropped {lost}: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut frozen = frozen;
+    frozen.child.kill().await?;
+    Ok(())
+}
+
 both_transports!(
+    a_node_declared_dead_then_back_counts_what_it_missed,
     a_dead_member_is_not_dialed_again,
     killed_node_ends_inflight_requests_early,
     graceful_shutdown_is_noticed_at_once,

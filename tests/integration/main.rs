@@ -31,6 +31,7 @@ mod death;
 mod discovery;
 mod formation;
 mod js;
+mod losses;
 mod mixed;
 mod ordering;
 mod process;

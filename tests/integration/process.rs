@@ -155,6 +155,14 @@ impl Drop for TempDir {
     }
 }
 
+/// A node process's `mesh.stats()` (its `/mesh` endpoint); `Null` when it does not answer.
+pub async fn proc_stats(node: &ProcNode) -> Value {
+    let body = http_get(node.http, "/mesh").await.unwrap_or_default();
+    serde_json::from_str::<Value>(&body)
+        .map(|v| v["stats"].clone())
+        .unwrap_or(Value::Null)
+}
+
 /// Wait until a node process lists `n` members (its `/mesh` endpoint).
 pub async fn members(node: &ProcNode, n: usize) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + WAIT;
