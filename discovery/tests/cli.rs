@@ -267,3 +267,47 @@ fn serves_and_stops_on_sigterm() {
     let exit = child.wait().expect("wait");
     assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
 }
+
+/// When `accept` fails for lack of file descriptors, the service backs off, logs the cause
+/// once, and serves again as soon as its idle connections are closed. The open files limit is
+/// lowered under the running service (`prlimit`, from util-linux), below its connection
+/// limit, which the check at startup would otherwise prevent.
+#[test]
+fn accept_errors_back_off_and_are_logged_once() {
+    let service = Service::start(
+        "",
+        &["--idle-timeout-ms", "300", "--header-timeout-ms", "300"],
+        &[],
+    );
+    let status = Command::new("prlimit")
+        .arg("--pid")
+        .arg(service.child.id().to_string())
+        .arg("--nofile=40:40")
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+    let idle: Vec<TcpStream> = (0..60)
+        .map(|_| TcpStream::connect(service.addr).expect("connect"))
+        .collect();
+    // Behind the idle connections in the backlog: served once they are closed.
+    let started = Instant::now();
+    assert_eq!(
+        request(service.addr, "GET", "/healthz", None),
+        (200, "ok".to_string())
+    );
+    let (_, stats) = request(service.addr, "GET", "/v1/stats", None);
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("JSON stats");
+    let errors = stats["events"]["accept_error"].as_u64().unwrap_or(0);
+    // Retrying at once would fail thousands of times; backing off from 10 ms (doubling,
+    // reset after each success) a few times per 300 ms round.
+    let rounds = started.elapsed().as_millis() / 300 + 1;
+    assert!(
+        errors >= 1 && u128::from(errors) <= 8 * rounds,
+        "{errors} accept errors in {:?}: {stats}",
+        started.elapsed()
+    );
+    drop(idle);
+    let logs = service.stop();
+    assert_eq!(logs.matches("accept error").count(), 1, "{logs}");
+    assert!(logs.contains("Too many open files"), "{logs}");
+}
