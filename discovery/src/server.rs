@@ -14,9 +14,9 @@
 //! - **A header timeout**: a request head must arrive in full within it (hyper's
 //!   `header_read_timeout`). Hyper also applies it to the wait for the next request on a
 //!   keep-alive connection.
-//! - **An idle timeout**: a connection with no request in progress, on which nothing was read
-//!   or written for that long, is closed: keep-alive connections between requests, clients
-//!   that stop reading an answer, and TLS handshakes that stall. Between requests on a
+//! - **An idle timeout**: a connection with no request being handled, on which nothing was
+//!   read or written for that long, is closed: keep-alive connections between requests,
+//!   clients that stop reading an answer, and TLS handshakes that stall. Between requests on a
 //!   keep-alive connection, the smaller of the header and idle timeouts applies.
 //! - **A request timeout**, from the request head to the answer (reading the body included):
 //!   past it the request is answered `408` and the connection closed.
@@ -29,6 +29,7 @@
 //! [`Stats`], and logged at a bounded rate.
 
 use std::{
+    cmp::Reverse,
     collections::HashMap,
     convert::Infallible,
     future::Future,
@@ -239,13 +240,14 @@ impl Table {
     /// Close the connection idle for the longest, if some connection is idle; returns
     /// whether one was.
     fn evict_most_idle(&self, stats: &Stats, limit: usize) -> bool {
+        // Idle for the longest; the oldest of equals.
         let victim = self
             .conns()
-            .values()
-            .filter(|c| !c.closing.load(Ordering::Acquire) && c.in_flight() == 0)
-            .map(|c| (c.idle_for(), c.clone()))
-            .max_by_key(|(idle, _)| *idle);
-        let Some((idle, conn)) = victim else {
+            .iter()
+            .filter(|(_, c)| !c.closing.load(Ordering::Acquire) && !c.busy())
+            .map(|(id, c)| (c.idle_for(), Reverse(*id), c.clone()))
+            .max_by_key(|(idle, id, _)| (*idle, *id));
+        let Some((idle, _, conn)) = victim else {
             return false;
         };
         conn.closing.store(true, Ordering::Release);
@@ -262,13 +264,21 @@ impl Table {
 }
 
 /// One connection's activity, shared by its task, its I/O and the table.
+///
+/// A connection is busy while a request is handled, from its head to the answer's head (the
+/// request timeout bounds that), and idle otherwise: then it is closed when nothing was read
+/// or written for the idle timeout, or to make room at the connection limit. The routes
+/// answer with bodies in one piece, which hyper takes at once: a client that does not read
+/// its answer is idle while hyper waits to send it.
 struct Conn {
     remote: SocketAddr,
     opened: Instant,
-    /// Time of the last byte read or written, or of the last request's end, in milliseconds
+    /// Time of the last byte read or written, or of the last request's end, in microseconds
     /// since `opened`.
-    last_ms: AtomicU64,
-    in_flight: AtomicUsize,
+    last_us: AtomicU64,
+    handling: AtomicUsize,
+    /// Notified when a request ends: the watchdog recomputes its deadline.
+    changed: Notify,
     closing: AtomicBool,
     close: Notify,
 }
@@ -278,30 +288,31 @@ impl Conn {
         Self {
             remote,
             opened: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            last_us: AtomicU64::new(0),
+            handling: AtomicUsize::new(0),
+            changed: Notify::new(),
             closing: AtomicBool::new(false),
             close: Notify::new(),
         }
     }
 
-    fn elapsed_ms(&self) -> u64 {
-        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn elapsed_us(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
     fn touch(&self) {
-        self.last_ms.fetch_max(self.elapsed_ms(), Ordering::Relaxed);
+        self.last_us.fetch_max(self.elapsed_us(), Ordering::Relaxed);
     }
 
     fn idle_for(&self) -> Duration {
-        Duration::from_millis(
-            self.elapsed_ms()
-                .saturating_sub(self.last_ms.load(Ordering::Relaxed)),
+        Duration::from_micros(
+            self.elapsed_us()
+                .saturating_sub(self.last_us.load(Ordering::Relaxed)),
         )
     }
 
-    fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+    fn busy(&self) -> bool {
+        self.handling.load(Ordering::Acquire) > 0
     }
 }
 
@@ -319,25 +330,27 @@ impl Drop for Slot {
     }
 }
 
-/// A request in progress on a connection: the connection is not idle meanwhile.
-struct InFlight {
+/// A request being handled on a connection: the connection is busy meanwhile.
+struct Handling {
     conn: Arc<Conn>,
     ctx: Arc<Ctx>,
 }
 
-impl InFlight {
-    fn new(conn: Arc<Conn>, ctx: Arc<Ctx>) -> Self {
-        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+impl Handling {
+    fn start(conn: Arc<Conn>, ctx: Arc<Ctx>) -> Self {
+        conn.handling.fetch_add(1, Ordering::AcqRel);
         ctx.stats().request_started();
         Self { conn, ctx }
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Handling {
     fn drop(&mut self) {
-        self.conn.touch();
+        let conn = &self.conn;
+        conn.touch();
         self.ctx.stats().request_ended();
-        if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if conn.handling.fetch_sub(1, Ordering::AcqRel) == 1 {
+            conn.changed.notify_one();
             self.ctx.table.became_idle.notify_one();
         }
     }
@@ -529,7 +542,7 @@ async fn connection(tcp: TcpStream, conn: Arc<Conn>, slot: Slot, watcher: Watche
             if cause == Cause::IdleTimeout {
                 ctx.stats().record(
                     cause,
-                    format_args!("{remote}: idle for {:?}", conn.idle_for()),
+                    format_args!("{remote}: nothing read or written for {:?}", conn.idle_for()),
                 );
             }
         }
@@ -540,16 +553,19 @@ async fn connection(tcp: TcpStream, conn: Arc<Conn>, slot: Slot, watcher: Watche
 /// Resolves when the connection must be closed: idle for `idle`, or evicted.
 async fn watchdog(conn: &Conn, idle: Duration) -> Cause {
     loop {
-        let wait = if conn.in_flight() > 0 {
+        let wait = if conn.busy() {
+            // The request timeout bounds this; the request's end wakes us up.
             idle
         } else {
-            idle.saturating_sub(conn.idle_for())
+            let left = idle.saturating_sub(conn.idle_for());
+            if left.is_zero() {
+                return Cause::IdleTimeout;
+            }
+            left
         };
-        if wait.is_zero() {
-            return Cause::IdleTimeout;
-        }
         tokio::select! {
             () = conn.close.notified() => return Cause::Evicted,
+            () = conn.changed.notified() => {}
             () = tokio::time::sleep(wait) => {}
         }
     }
@@ -563,7 +579,7 @@ where
     let service = {
         let (conn, ctx) = (conn.clone(), ctx.clone());
         hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-            let in_flight = InFlight::new(conn.clone(), ctx.clone());
+            let handling = Handling::start(conn.clone(), ctx.clone());
             let answer = ctx.router.clone().oneshot(req);
             let ctx = ctx.clone();
             async move {
@@ -575,14 +591,14 @@ where
                         ctx.stats().record(
                             Cause::RequestTimeout,
                             format_args!(
-                                "{}: not answered within {timeout:?}",
-                                in_flight.conn.remote
+                                "{}: not received and answered within {timeout:?}",
+                                handling.conn.remote
                             ),
                         );
                         timed_out(timeout)
                     }
                 };
-                drop(in_flight);
+                drop(handling);
                 Ok::<_, Infallible>(res)
             }
         })

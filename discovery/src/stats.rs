@@ -28,9 +28,9 @@ pub enum Cause {
     TlsHandshakeTimeout,
     /// A request head did not arrive in full within the header timeout.
     HeaderTimeout,
-    /// Nothing was read or written for the idle timeout, with no request in progress.
+    /// Nothing was read or written for the idle timeout, with no request being handled.
     IdleTimeout,
-    /// A request was not answered within the request timeout: answered 408.
+    /// A request was not received and answered within the request timeout: answered 408.
     RequestTimeout,
     /// Closed to make room for a new connection at the connection limit (the connection
     /// idle for the longest is closed).
