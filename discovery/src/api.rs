@@ -6,11 +6,15 @@
 //! | `DELETE` | `/v1/clusters/{cluster}/nodes/{node_id}` | — | `204`, or `404` if unknown |
 //! | `GET` | `/v1/clusters/{cluster}/nodes` | — | `200 {"cluster_id", "ttl_ms", "nodes": [{"node_id", "addr", "age_ms"}]}` (empty for an unknown cluster) |
 //! | `GET` | `/v1/clusters` | — | `200 {"clusters": [{"cluster_id", "nodes"}]}` |
+//! | `GET` | `/v1/stats` | — | `200 {"uptime_s", "nodes", "connections": {"open", "requests", "limit"}, "events": {"<cause>": n, ...}}` |
 //! | `GET` | `/healthz`, `/readyz` | — | `200 ok` (`/readyz`: `503` while shutting down) |
 //! | `GET` | `/` | — | an HTML status page |
 //!
-//! Errors are JSON `{"error": "..."}`: `400` malformed JSON, wrong types or invalid ids,
-//! `413` body over the limit, `409` registry full, `404` unknown route or node.
+//! Errors are JSON `{"error": "..."}`: `400` malformed JSON, wrong types, invalid ids (on
+//! every route that takes one) or an address other nodes cannot dial, `413` body over the
+//! limit, `409` registry full, `404` unknown route or node, `408` request not received and
+//! answered within the server's request timeout ([`crate::server`]). The event names of
+//! `/v1/stats` are those of [`Cause::name`](crate::stats::Cause::name).
 
 use std::{
     fmt::Write as _,
@@ -24,15 +28,21 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, FromRequest, Path, Request, State, rejection::JsonRejection},
-    http::StatusCode,
+    extract::{
+        DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State,
+        rejection::JsonRejection,
+    },
+    http::{StatusCode, request::Parts},
     response::{Html, IntoResponse, Response},
     routing::get,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::json;
 
-use crate::registry::{Registry, RegistryError};
+use crate::{
+    registry::{Registry, RegistryError, valid_cluster_id, valid_node_id},
+    stats::Stats,
+};
 
 /// The service's shared state.
 pub struct AppState {
@@ -40,6 +50,7 @@ pub struct AppState {
     rng: Mutex<fastrand::Rng>,
     started: Instant,
     shutting_down: AtomicBool,
+    stats: Stats,
 }
 
 impl AppState {
@@ -50,7 +61,13 @@ impl AppState {
             rng: Mutex::new(fastrand::Rng::new()),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
+            stats: Stats::default(),
         })
+    }
+
+    /// Connection counters, kept by the server and shown by `/v1/stats`.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// Make `/readyz` answer 503 (called on shutdown so load balancers stop sending).
@@ -71,6 +88,13 @@ impl AppState {
 /// An API error, answered as `{"error": "..."}`.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    /// An error with this status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(status, message.into())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -113,6 +137,45 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// `Path` whose rejections are JSON errors (400), with the ids checked: a cluster id, or a
+/// cluster id and a node id, valid as [`Registry::register`] wants them.
+pub struct Ids<T>(pub T);
+
+fn check_cluster(cluster: &str) -> Result<(), ApiError> {
+    if valid_cluster_id(cluster) {
+        Ok(())
+    } else {
+        Err(RegistryError::ClusterId.into())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ids<String> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(cluster) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
+        check_cluster(&cluster)?;
+        Ok(Ids(cluster))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ids<(String, String)> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path((cluster, node)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|r| ApiError(StatusCode::BAD_REQUEST, r.body_text()))?;
+        check_cluster(&cluster)?;
+        if !valid_node_id(&node) {
+            return Err(RegistryError::NodeId.into());
+        }
+        Ok(Ids((cluster, node)))
+    }
+}
+
 /// A registration.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -138,7 +201,7 @@ fn ms(d: Duration) -> u64 {
 
 async fn register(
     State(st): State<Arc<AppState>>,
-    Path(cluster): Path<String>,
+    Ids(cluster): Ids<String>,
     ApiJson(body): ApiJson<Register>,
 ) -> Result<Json<Registered>, ApiError> {
     let mut rng = st.rng.lock().unwrap_or_else(|e| e.into_inner());
@@ -153,7 +216,7 @@ async fn register(
 
 async fn deregister(
     State(st): State<Arc<AppState>>,
-    Path((cluster, node)): Path<(String, String)>,
+    Ids((cluster, node)): Ids<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     if st.registry().deregister(&cluster, &node) {
         tracing::debug!(%cluster, %node, "deregistered");
@@ -168,7 +231,7 @@ async fn deregister(
 
 async fn list_nodes(
     State(st): State<Arc<AppState>>,
-    Path(cluster): Path<String>,
+    Ids(cluster): Ids<String>,
 ) -> Json<serde_json::Value> {
     let registry = st.registry();
     let nodes: Vec<_> = registry
@@ -187,6 +250,25 @@ async fn list_clusters(State(st): State<Arc<AppState>>) -> Json<serde_json::Valu
         .map(|(c, n)| json!({ "cluster_id": c, "nodes": n }))
         .collect();
     Json(json!({ "clusters": clusters }))
+}
+
+async fn stats(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let events: serde_json::Map<String, serde_json::Value> = st
+        .stats
+        .counts()
+        .into_iter()
+        .map(|(cause, n)| (cause.name().to_string(), n.into()))
+        .collect();
+    Json(json!({
+        "uptime_s": st.started.elapsed().as_secs(),
+        "nodes": st.registry().num_nodes(),
+        "connections": {
+            "open": st.stats.open_connections(),
+            "requests": st.stats.requests_in_progress(),
+            "limit": st.stats.connection_limit(),
+        },
+        "events": events,
+    }))
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> (StatusCode, &'static str) {
@@ -219,6 +301,24 @@ async fn status_page(State(st): State<Arc<AppState>>) -> Html<String> {
         st.started.elapsed().as_secs(),
         registry.ttl().as_secs(),
         registry.num_nodes()
+    );
+    let events: Vec<String> = st
+        .stats
+        .counts()
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(c, n)| format!("{} {n}", c.name()))
+        .collect();
+    let _ = write!(
+        html,
+        "<p>{} connection(s) open (limit {}). Connection events: {}.</p>",
+        st.stats.open_connections(),
+        st.stats.connection_limit(),
+        if events.is_empty() {
+            "none".to_string()
+        } else {
+            events.join(", ")
+        }
     );
     let clusters = registry.clusters(now);
     if clusters.is_empty() {
@@ -257,6 +357,7 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/v1/clusters", get(list_clusters))
+        .route("/v1/stats", get(stats))
         .route(
             "/v1/clusters/{cluster}/nodes",
             get(list_nodes).post(register),
@@ -418,6 +519,117 @@ mod tests {
             .unwrap();
         let res = app.clone().oneshot(req).await.unwrap();
         assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[tokio::test]
+    async fn undialable_addresses_are_400() {
+        let app = app(Limits::default());
+        for addr in [
+            "255.255.255.255:1",
+            "224.0.0.1:1",
+            "239.1.2.3:7800",
+            "[ff02::1]:7800",
+            "[::]:7800",
+            "0.0.0.0:7800",
+            "10.0.0.1:0",
+            "[::ffff:224.0.0.1]:1",
+        ] {
+            let body = format!(r#"{{"node_id":"a","addr":"{addr}"}}"#);
+            let (s, b) = call(&app, "POST", "/v1/clusters/chat/nodes", Some(&body)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{addr} -> {b}");
+            let e = error_of(&b);
+            assert!(e.contains("invalid address") && e.contains("dial"), "{e}");
+        }
+        // Loopback: accepted by default (one-host setups), refused when configured.
+        let body = r#"{"node_id":"a","addr":"127.0.0.1:7800"}"#;
+        let (s, b) = call(&app, "POST", "/v1/clusters/chat/nodes", Some(body)).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let strict = router(
+            AppState::new(
+                Registry::new(Duration::from_secs(30), Limits::default()).refusing_loopback(true),
+            ),
+            1024,
+        );
+        for addr in ["127.0.0.1:7800", "[::1]:7800"] {
+            let body = format!(r#"{{"node_id":"a","addr":"{addr}"}}"#);
+            let (s, b) = call(&strict, "POST", "/v1/clusters/chat/nodes", Some(&body)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{addr} -> {b}");
+            assert!(error_of(&b).contains("loopback"), "{b}");
+        }
+        let (s, _) = call(&app, "GET", "/v1/clusters/chat/nodes", None).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn ids_are_checked_on_every_route() {
+        let app = app(Limits::default());
+        let long_node = "n".repeat(129);
+        let long_cluster = "c".repeat(65);
+        let cases = [
+            (
+                "DELETE",
+                format!("/v1/clusters/chat/nodes/{long_node}"),
+                "node id",
+            ),
+            (
+                "DELETE",
+                "/v1/clusters/chat/nodes/a%3Cb%3E".to_string(),
+                "node id",
+            ),
+            (
+                "DELETE",
+                format!("/v1/clusters/{long_cluster}/nodes/a"),
+                "cluster id",
+            ),
+            (
+                "DELETE",
+                "/v1/clusters/bad%20id/nodes/a".to_string(),
+                "cluster id",
+            ),
+            (
+                "GET",
+                format!("/v1/clusters/{long_cluster}/nodes"),
+                "cluster id",
+            ),
+            (
+                "GET",
+                "/v1/clusters/bad%20id/nodes".to_string(),
+                "cluster id",
+            ),
+        ];
+        for (method, uri, needle) in cases {
+            let (s, b) = call(&app, method, &uri, None).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{method} {uri} -> {b}");
+            assert!(error_of(&b).contains(needle), "{method} {uri} -> {b}");
+        }
+        // Not UTF-8 once decoded: a JSON 400 as well, not axum's plain text.
+        let (s, b) = call(&app, "GET", "/v1/clusters/%FF/nodes", None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+        assert!(!error_of(&b).is_empty());
+        // The longest valid ids are fine.
+        let (s, b) = call(
+            &app,
+            "DELETE",
+            &format!("/v1/clusters/{}/nodes/{}", "c".repeat(64), "n".repeat(128)),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    }
+
+    #[tokio::test]
+    async fn stats_are_served() {
+        let st = AppState::new(Registry::new(Duration::from_secs(30), Limits::default()));
+        let app = router(st.clone(), 1024);
+        st.stats().record(crate::stats::Cause::TlsRefused, "test");
+        let (s, b) = call(&app, "GET", "/v1/stats", None).await;
+        assert_eq!(s, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["events"]["tls_refused"], 1, "{v}");
+        assert_eq!(v["events"]["accept_error"], 0, "{v}");
+        assert_eq!(v["connections"]["open"], 0, "{v}");
+        let (_, page) = call(&app, "GET", "/", None).await;
+        assert!(page.contains("tls_refused 1"), "{page}");
     }
 
     #[tokio::test]

@@ -10,7 +10,9 @@
 //! - [`registry`]: the sans-IO registry (TTL, limits, seed selection), unit-tested with a
 //!   virtual clock;
 //! - [`api`]: the HTTP JSON API, health endpoints and status page (axum);
-//! - [`server`]: plain HTTP or HTTPS with client certificates, graceful shutdown.
+//! - [`server`]: plain HTTP or HTTPS with client certificates, bounded (connection limit,
+//!   header, idle, request and TLS handshake timeouts), graceful shutdown;
+//! - [`stats`]: counters of refused and closed connections, logged at a bounded rate.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -19,10 +21,12 @@
 //! let state = api::AppState::new(Registry::new(Duration::from_secs(30), Limits::default()));
 //! let router = api::router(state.clone(), 16 * 1024);
 //! let listener = tokio::net::TcpListener::bind("0.0.0.0:8000").await?;
-//! server::serve(listener, state, router, None, async { tokio::signal::ctrl_c().await.ok(); }).await
+//! let config = server::ServerConfig::default();
+//! server::serve(listener, state, router, None, config, async { tokio::signal::ctrl_c().await.ok(); }).await
 //! # }
 //! ```
 
 pub mod api;
 pub mod registry;
 pub mod server;
+pub mod stats;

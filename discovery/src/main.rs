@@ -8,8 +8,15 @@ use socketioxide_mesh::TlsConfig;
 use socketioxide_mesh_discovery::{
     api,
     registry::{Limits, Registry},
-    server,
+    server::{self, ServerConfig},
 };
+
+/// File descriptors kept free of connections: listener, standard streams, the runtime's own.
+const RESERVED_FDS: u64 = 64;
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +45,29 @@ struct Cli {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "DISCOVERY_MAX_BODY", default_value_t = 16 * 1024)]
     max_body: usize,
+    /// Connections open at once at most (TLS handshakes included). At the limit, a new
+    /// connection closes the one idle for the longest. Lowered, with a warning, to the open
+    /// files limit (`ulimit -n`) less 64.
+    #[arg(long, env = "DISCOVERY_MAX_CONNECTIONS", default_value_t = server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// A request head must arrive in full within this (milliseconds), on a new connection or
+    /// between requests on a keep-alive connection.
+    #[arg(long, env = "DISCOVERY_HEADER_TIMEOUT_MS", default_value_t = ms(server::DEFAULT_HEADER_TIMEOUT))]
+    header_timeout_ms: u64,
+    /// Close a connection with no request in progress and nothing read or written for this
+    /// long (milliseconds).
+    #[arg(long, env = "DISCOVERY_IDLE_TIMEOUT_MS", default_value_t = ms(server::DEFAULT_IDLE_TIMEOUT))]
+    idle_timeout_ms: u64,
+    /// Answer 408 to a request not read and answered within this (milliseconds).
+    #[arg(long, env = "DISCOVERY_REQUEST_TIMEOUT_MS", default_value_t = ms(server::DEFAULT_REQUEST_TIMEOUT))]
+    request_timeout_ms: u64,
+    /// With TLS: a handshake must complete within this (milliseconds).
+    #[arg(long, env = "DISCOVERY_TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = ms(server::DEFAULT_TLS_HANDSHAKE_TIMEOUT))]
+    tls_handshake_timeout_ms: u64,
+    /// Refuse registrations at loopback addresses (127.0.0.0/8, ::1). Off by default so that
+    /// nodes on one host (development, tests) can register; turn it on in production.
+    #[arg(long, env = "DISCOVERY_REFUSE_LOOPBACK")]
+    refuse_loopback: bool,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `debug`.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -74,6 +104,47 @@ async fn main() -> anyhow::Result<()> {
         (256..=1 << 24).contains(&cli.max_body),
         "--max-body must be within 256 B..16 MiB"
     );
+    let (min, max) = (ms(server::TIMEOUT_RANGE.0), ms(server::TIMEOUT_RANGE.1));
+    for (flag, value) in [
+        ("--header-timeout-ms", cli.header_timeout_ms),
+        ("--idle-timeout-ms", cli.idle_timeout_ms),
+        ("--request-timeout-ms", cli.request_timeout_ms),
+        ("--tls-handshake-timeout-ms", cli.tls_handshake_timeout_ms),
+    ] {
+        anyhow::ensure!(
+            (min..=max).contains(&value),
+            "{flag} must be within {min}..={max}"
+        );
+    }
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&cli.max_connections),
+        "--max-connections must be within 1..=1000000"
+    );
+    let mut max_connections = cli.max_connections;
+    if let Some(files) = open_files_limit() {
+        let usable = usize::try_from(files.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX);
+        anyhow::ensure!(
+            usable > 0,
+            "the open files limit ({files}) is too low: raise it (ulimit -n) above {RESERVED_FDS}"
+        );
+        if max_connections > usable {
+            tracing::warn!(
+                requested = max_connections,
+                open_files_limit = files,
+                max_connections = usable,
+                "--max-connections lowered to the open files limit less {RESERVED_FDS}: raise the limit (ulimit -n) for more"
+            );
+            max_connections = usable;
+        }
+    }
+    let config = ServerConfig {
+        max_connections,
+        header_timeout: Duration::from_millis(cli.header_timeout_ms),
+        idle_timeout: Duration::from_millis(cli.idle_timeout_ms),
+        request_timeout: Duration::from_millis(cli.request_timeout_ms),
+        tls_handshake_timeout: Duration::from_millis(cli.tls_handshake_timeout_ms),
+        ..ServerConfig::default()
+    };
 
     let tls = match (&cli.tls_cert, &cli.tls_key, &cli.tls_client_ca) {
         (Some(cert), Some(key), Some(ca)) => {
@@ -93,7 +164,10 @@ async fn main() -> anyhow::Result<()> {
         max_nodes_per_cluster: cli.max_nodes,
         seeds_per_reply: cli.seeds_per_reply,
     };
-    let state = api::AppState::new(Registry::new(Duration::from_millis(cli.ttl_ms), limits));
+    let state = api::AppState::new(
+        Registry::new(Duration::from_millis(cli.ttl_ms), limits)
+            .refusing_loopback(cli.refuse_loopback),
+    );
     let router = api::router(state.clone(), cli.max_body);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -102,10 +176,16 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     println!(
         "{}",
-        serde_json::json!({"event": "ready", "addr": addr.to_string(), "tls": tls.is_some()})
+        serde_json::json!({
+            "event": "ready",
+            "addr": addr.to_string(),
+            "tls": tls.is_some(),
+            "max_connections": max_connections,
+        })
     );
-    tracing::info!(%addr, tls = tls.is_some(), ttl_ms = cli.ttl_ms, "discovery service listening");
-    server::serve(listener, state, router, tls, shutdown).await?;
+    tracing::info!(%addr, tls = tls.is_some(), ttl_ms = cli.ttl_ms, max_connections,
+        refuse_loopback = cli.refuse_loopback, "discovery service listening");
+    server::serve(listener, state, router, tls, config, shutdown).await?;
     tracing::info!("discovery service stopped");
     Ok(())
 }
@@ -128,4 +208,11 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         }
         let _ = ctrl_c.await;
     }
+}
+
+/// The soft limit on open files of this process, when known (Linux).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }

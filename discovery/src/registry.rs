@@ -37,9 +37,9 @@ pub enum RegistryError {
     /// The node id is empty, too long or has characters outside `[A-Za-z0-9._:-]`.
     #[error("invalid node id: use 1-128 characters from [A-Za-z0-9._:-]")]
     NodeId,
-    /// The address cannot be dialed by other nodes.
-    #[error("invalid address {0}: it must be a specific IP and a non-zero port")]
-    Addr(SocketAddr),
+    /// The address cannot be dialed by other nodes; the second field says why.
+    #[error("invalid address {0}: {1}")]
+    Addr(SocketAddr, &'static str),
     /// The registry holds as many clusters as allowed.
     #[error("too many clusters (limit {0})")]
     TooManyClusters(usize),
@@ -70,7 +70,28 @@ struct Entry {
 pub struct Registry {
     ttl: Duration,
     limits: Limits,
+    refuse_loopback: bool,
     clusters: HashMap<String, HashMap<String, Entry>>,
+}
+
+/// Why other nodes could not dial `addr`, if they could not: port 0, or an unspecified,
+/// broadcast or multicast IP (IPv4-mapped IPv6 addresses are judged as IPv4), and a loopback
+/// IP when `refuse_loopback` is set.
+pub fn addr_problem(addr: SocketAddr, refuse_loopback: bool) -> Option<&'static str> {
+    let ip = addr.ip().to_canonical();
+    if addr.port() == 0 {
+        Some("port 0 cannot be dialed")
+    } else if ip.is_unspecified() {
+        Some("an unspecified address (0.0.0.0, ::) cannot be dialed")
+    } else if ip == std::net::Ipv4Addr::BROADCAST {
+        Some("a broadcast address cannot be dialed")
+    } else if ip.is_multicast() {
+        Some("a multicast address cannot be dialed")
+    } else if refuse_loopback && ip.is_loopback() {
+        Some("loopback addresses are refused by this service (--refuse-loopback)")
+    } else {
+        None
+    }
 }
 
 pub(crate) fn valid_cluster_id(id: &str) -> bool {
@@ -95,8 +116,16 @@ impl Registry {
         Self {
             ttl,
             limits,
+            refuse_loopback: false,
             clusters: HashMap::new(),
         }
+    }
+
+    /// Refuse (or accept, the default) registrations at loopback addresses (`127.0.0.0/8`,
+    /// `::1`): other nodes can dial those only when every node runs on one host.
+    pub fn refusing_loopback(mut self, refuse: bool) -> Self {
+        self.refuse_loopback = refuse;
+        self
     }
 
     /// The time to live of an entry.
@@ -120,8 +149,8 @@ impl Registry {
         if !valid_node_id(node) {
             return Err(RegistryError::NodeId);
         }
-        if addr.ip().is_unspecified() || addr.port() == 0 {
-            return Err(RegistryError::Addr(addr));
+        if let Some(why) = addr_problem(addr, self.refuse_loopback) {
+            return Err(RegistryError::Addr(addr, why));
         }
         self.expire(now);
         if !self.clusters.contains_key(cluster) && self.clusters.len() >= self.limits.max_clusters {
@@ -316,16 +345,55 @@ mod tests {
             r.register(t, "c", "", addr(1), &mut rng),
             Err(RegistryError::NodeId)
         );
-        let zero: SocketAddr = "0.0.0.0:7800".parse().unwrap();
-        assert_eq!(
-            r.register(t, "c", "a", zero, &mut rng),
-            Err(RegistryError::Addr(zero))
-        );
-        assert_eq!(
-            r.register(t, "c", "a", addr(0), &mut rng),
-            Err(RegistryError::Addr(addr(0)))
-        );
+        for bad in [
+            "0.0.0.0:7800",
+            "[::]:7800",
+            "10.0.0.1:0",
+            "255.255.255.255:1",
+            "224.0.0.1:1",
+            "239.255.255.250:1900",
+            "[ff02::1]:1",
+            "[::ffff:224.0.0.1]:1",
+            "[::ffff:0.0.0.0]:1",
+        ] {
+            let a: SocketAddr = bad.parse().unwrap();
+            assert!(
+                matches!(r.register(t, "c", "a", a, &mut rng), Err(RegistryError::Addr(x, _)) if x == a),
+                "{bad} accepted"
+            );
+        }
         assert_eq!(r.num_nodes(), 0);
+    }
+
+    #[test]
+    fn loopback_is_accepted_unless_refused() {
+        let (mut r, mut rng) = reg(Limits::default());
+        let t = Instant::now();
+        for (i, ok) in [
+            "127.0.0.1:7800",
+            "[::1]:7800",
+            "10.1.2.3:1",
+            "[2001:db8::1]:7800",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let id = format!("n{i}");
+            let res = r.register(t, "c", &id, ok.parse().unwrap(), &mut rng);
+            assert!(res.is_ok(), "{ok}: {res:?}");
+        }
+        let mut strict = Registry::new(10 * SEC, Limits::default()).refusing_loopback(true);
+        for bad in [
+            "127.0.0.1:7800",
+            "127.8.9.10:1",
+            "[::1]:7800",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            let a: SocketAddr = bad.parse().unwrap();
+            let err = strict.register(t, "c", "a", a, &mut rng).unwrap_err();
+            assert!(err.to_string().contains("loopback"), "{bad}: {err}");
+        }
+        assert!(strict.register(t, "c", "a", addr(1), &mut rng).is_ok());
     }
 
     #[test]
