@@ -97,6 +97,10 @@ pub(crate) struct PeerTable {
 /// How long a dead member's address is not dialed for gossip (chitchat's default grace for
 /// dead members in this crate is as long).
 pub(crate) const DEAD_ADDR_MEMORY: Duration = Duration::from_secs(300);
+/// Dials in progress at once, at most. A fleet started together (every node dialing every
+/// lower... higher id at the same moment) would otherwise start hundreds of TLS handshakes per
+/// node and time them all out on a saturated machine; the rest wait their turn.
+pub(crate) const MAX_CONCURRENT_DIALS: usize = 8;
 /// Quick retries of a bare address (a seed) whose dial failed, before it waits to be wanted
 /// again: nodes started together find each other although some listen a moment later.
 const BARE_ADDR_RETRIES: u32 = 3;
@@ -392,6 +396,9 @@ impl PeerTable {
         for addr in to_dial {
             self.want_addr(now, addr);
         }
+        if self.dials_in_progress() >= MAX_CONCURRENT_DIALS {
+            return None;
+        }
         let due = self
             .addrs
             .iter_mut()
@@ -404,8 +411,16 @@ impl PeerTable {
         None
     }
 
-    /// When [`poll_action`](Self::poll_action) may have something new without any event.
+    fn dials_in_progress(&self) -> usize {
+        self.addrs.values().filter(|a| a.dialing).count()
+    }
+
+    /// When [`poll_action`](Self::poll_action) may have something new without any event (at
+    /// the dial cap: none, the end of a dial is an event).
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        if self.dials_in_progress() >= MAX_CONCURRENT_DIALS {
+            return None;
+        }
         self.addrs
             .values()
             .filter(|a| a.wanted && !a.dialing)
@@ -603,6 +618,48 @@ mod tests {
         t.set_live(now, &[(high, addr(3))]);
         t.set_live(now, &[]);
         assert!(t.want_for_gossip(now + DEAD_ADDR_MEMORY, addr(3)));
+    }
+
+    #[test]
+    fn dials_in_progress_are_capped() {
+        let (low, _) = ids();
+        let now = Instant::now();
+        let mut t = PeerTable::new(
+            low,
+            addr(1),
+            Backoff {
+                min: 100 * MS,
+                max: 1000 * MS,
+            },
+            64,
+        );
+        // A fleet starts together: many members to dial at once.
+        for port in 100..130 {
+            t.want(now, addr(port));
+        }
+        let first = drain(&mut t, now);
+        assert_eq!(first.len(), MAX_CONCURRENT_DIALS, "{first:?}");
+        assert_eq!(
+            t.poll_timeout(),
+            None,
+            "at the cap, only an ended dial wakes the table"
+        );
+        // Each dial that ends lets one more start.
+        let Action::Dial(done) = first[0] else {
+            panic!("{first:?}")
+        };
+        t.dial_failed(now, done, 0.5);
+        assert_eq!(drain(&mut t, now).len(), 1);
+        let mut started = MAX_CONCURRENT_DIALS + 1;
+        for (i, a) in first.iter().skip(1).enumerate() {
+            let Action::Dial(addr) = a else { continue };
+            t.connected(now, i as u64 + 10, Sid::new(), *addr, true);
+            started += drain(&mut t, now)
+                .iter()
+                .filter(|a| matches!(a, Action::Dial(_)))
+                .count();
+        }
+        assert_eq!(started, 2 * MAX_CONCURRENT_DIALS);
     }
 
     #[test]

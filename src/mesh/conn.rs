@@ -217,7 +217,7 @@ pub(super) fn incident_of(e: &PeerError, dialing: bool) -> Option<Incident> {
         PeerError::Version { .. } | PeerError::Cluster { .. } => Incident::RefusedHello,
         PeerError::Refused(_) => Incident::HelloRejected,
         PeerError::HandshakeTimeout => Incident::HandshakeTimeout,
-        PeerError::Transport(text) => crate::transport::classify(text, dialing),
+        PeerError::Transport(text) => return crate::transport::classify(text, dialing),
     })
 }
 

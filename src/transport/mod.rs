@@ -292,43 +292,56 @@ impl TransportSettings {
 /// The cause of a failed connection, from the error's text (quinn's and rustls' messages,
 /// which carry the TLS alert and who sent it). `dialing`: the failure is of a connection this
 /// node opened, where "nothing answered" means unreachable rather than a stalled handshake.
-pub(crate) fn classify(error: &str, dialing: bool) -> Incident {
+/// `None`: not an incident (the connection lost a race to another one between the same nodes,
+/// or a peer going away).
+pub(crate) fn classify(error: &str, dialing: bool) -> Option<Incident> {
     let e = error.to_ascii_lowercase();
+    let benign = [
+        "(replaced)",
+        "(peerdead)",
+        "(leaving)",
+        "the application or application protocol caused the connection to be closed",
+    ];
+    if benign.iter().any(|b| e.contains(b)) {
+        return None;
+    }
     let by_peer = e.contains("by peer") || e.contains("received fatal alert");
     let certificate = e.contains("certificate")
         || ["42", "43", "44", "45", "46", "48", "116"]
             .iter()
             .any(|alert| e.contains(&format!("error {alert}:")));
-    if e.contains("no application protocol")
-        || e.contains("noapplicationprotocol")
-        || e.contains("error 120")
-    {
-        Incident::NotAPeer
-    } else if certificate && by_peer {
-        Incident::CertificateRejected
-    } else if certificate {
-        Incident::RefusedCertificate
-    } else if e.contains("timed out") {
-        if dialing {
+    Some(
+        if e.contains("no application protocol")
+            || e.contains("noapplicationprotocol")
+            || e.contains("error 120")
+        {
+            Incident::NotAPeer
+        } else if certificate && by_peer {
+            Incident::CertificateRejected
+        } else if certificate {
+            Incident::RefusedCertificate
+        } else if e.contains("timed out") {
+            if dialing {
+                Incident::Unreachable
+            } else {
+                Incident::HandshakeTimeout
+            }
+        } else if dialing
+            && [
+                "connection refused",
+                "unreachable",
+                "no route",
+                "reset by peer",
+                "os error",
+            ]
+            .iter()
+            .any(|p| e.contains(p))
+        {
             Incident::Unreachable
         } else {
-            Incident::HandshakeTimeout
-        }
-    } else if dialing
-        && [
-            "connection refused",
-            "unreachable",
-            "no route",
-            "reset by peer",
-            "os error",
-        ]
-        .iter()
-        .any(|p| e.contains(p))
-    {
-        Incident::Unreachable
-    } else {
-        Incident::NotAPeer
-    }
+            Incident::NotAPeer
+        },
+    )
 }
 
 /// Handshakes of incoming connections at once; more are refused.
@@ -394,7 +407,10 @@ impl<C: Send + 'static> Handshakes<C> {
                         tracing::debug!("transport dropped, discarding accepted connection");
                     }
                 }
-                Ok(Err(e)) => incidents.report_inbound(classify(&e, false), remote, &e),
+                Ok(Err(e)) => match classify(&e, false) {
+                    Some(incident) => incidents.report_inbound(incident, remote, &e),
+                    None => tracing::debug!(%remote, error = %e, "inbound handshake ended"),
+                },
                 Err(_) => {
                     incidents.report_inbound(Incident::HandshakeTimeout, remote, &"TLS handshake")
                 }
@@ -477,7 +493,15 @@ mod classify_tests {
             ("timed out", false, Incident::HandshakeTimeout),
         ];
         for (text, dialing, want) in cases {
-            assert_eq!(classify(text, dialing), want, "{text}");
+            assert_eq!(classify(text, dialing), Some(want), "{text}");
+        }
+        // Races between two connections of the same nodes, peers going away: not incidents.
+        for text in [
+            "transport: connection closed (Replaced): replaced by another connection",
+            "transport: connection closed (PeerDead): peer declared dead",
+            "tls: aborted by peer: the application or application protocol caused the connection to be closed during the handshake",
+        ] {
+            assert_eq!(classify(text, true), None, "{text}");
         }
     }
 }
