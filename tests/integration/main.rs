@@ -37,3 +37,4 @@ mod ordering;
 mod process;
 mod raw;
 mod security;
+mod soak;
