@@ -93,7 +93,13 @@ impl<E: SocketEmitter> MeshAdapter<E> {
     ) -> Result<Outgoing, Error> {
         let shared = &self.mesh.shared;
         let links = shared.routes.load().targets(opts.server_id).to_vec();
-        shared.request(&links, query, mode, timeout).await
+        let kind = match query {
+            QueryRef::FetchSockets { .. } => "fetch_sockets",
+            QueryRef::Rooms { .. } => "rooms",
+            QueryRef::BroadcastWithAck { .. } => "broadcast_with_ack",
+            QueryRef::ServerEventWithAck { .. } => "server_event",
+        };
+        shared.request(kind, &links, query, mode, timeout).await
     }
 }
 

@@ -78,6 +78,7 @@ mod mesh;
 mod peers;
 mod requests;
 pub mod seed;
+mod telemetry;
 pub mod tls;
 mod transport;
 mod wire;

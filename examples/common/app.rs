@@ -203,6 +203,40 @@ async fn client_js() -> axum::response::Response {
     }
 }
 
+/// The process's Prometheus recorder, installed at the first call: the mesh records through
+/// the `metrics` facade, this renders it for `/metrics`. (The in-process demo's nodes share it:
+/// run them as separate processes for per-node metrics.)
+fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+            // Latencies as Prometheus histograms (the exporter's default is a summary).
+            let builder = builder
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0,
+                    ],
+                )
+                .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new());
+            let recorder = builder
+                // Peers that left stop being reported after a while.
+                .idle_timeout(
+                    metrics_util::MetricKindMask::GAUGE,
+                    Some(std::time::Duration::from_secs(60)),
+                )
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed already (an application embedding this app).
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
 /// Build the Socket.IO layer on `mesh` (MessagePack parser when `msgpack` is set: clients must
 /// use `socket.io-msgpack-parser` then) and serve it with the chat page and a `/mesh` status
 /// endpoint on `addr`. Returns the bound address and the server's `SocketIo`.
@@ -227,7 +261,20 @@ pub async fn serve(
             .map_err(|e| anyhow::anyhow!("namespace {ns}: {e}"))?;
     }
     let status_mesh = mesh.clone();
+    let metrics_mesh = mesh.clone();
+    let prometheus = prometheus();
     let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let (mesh, prometheus) = (metrics_mesh.clone(), prometheus.clone());
+                async move {
+                    // Counters of the moment, not of the last second.
+                    mesh.record_metrics();
+                    prometheus.render()
+                }
+            }),
+        )
         .route("/", get(|| async { Html(PAGE) }))
         .route("/client.js", get(client_js))
         .route("/healthz", get(|| async { "ok" }))

@@ -254,11 +254,13 @@ async fn read_uni_inner(
             // Apply everything that arrived together, then publish the progress once: one
             // wake-up of waiting queries per batch, not per command.
             while let Some(frame) = recv.recv().await? {
+                let mut bytes = frame.len() as u64;
                 shared.apply(peer.node_id, wire::decode_shared(&frame)?);
                 let mut n = 1u64;
                 while n < MAX_APPLY_BATCH
                     && let Some(frame) = recv.try_recv()?
                 {
+                    bytes += frame.len() as u64;
                     shared.apply(peer.node_id, wire::decode_shared(&frame)?);
                     n += 1;
                 }
@@ -266,12 +268,20 @@ async fn read_uni_inner(
                     .stats
                     .commands_received
                     .fetch_add(n, Ordering::Relaxed);
+                shared
+                    .stats
+                    .command_bytes_received
+                    .fetch_add(bytes, Ordering::Relaxed);
                 applied.send_modify(|c| *c += n);
             }
             Ok(())
         }
         UniHeader::Gossip => {
             while let Some(frame) = recv.recv().await? {
+                shared
+                    .stats
+                    .gossip_bytes_received
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
                 let msg = chitchat::ChitchatMessage::deserialize(&mut &frame[..])
                     .map_err(|e| PeerError::Malformed(format!("gossip message: {e}")))?;
                 if shared

@@ -101,6 +101,7 @@ pub(super) async fn spawn(
         .spawn(seed_loop(shared.clone(), cfg.seed_interval, seeds_tx));
     shared.tasks.spawn(load_loop(shared.clone()));
     shared.tasks.spawn(summary_loop(shared.clone()));
+    shared.tasks.spawn(metrics_loop(shared.clone()));
     if let Some(every) = cfg.tls_reload {
         shared
             .tasks
@@ -398,8 +399,14 @@ impl Driver {
             .and_then(|id| self.conns.get(id))
         {
             Some(entry) => {
+                let len = frame.len() as u64;
                 if entry.gossip_tx.try_send(frame).is_err() {
                     debug!(%addr, "gossip queue of connection full, message dropped");
+                } else {
+                    self.shared
+                        .stats
+                        .gossip_bytes_sent
+                        .fetch_add(len, Ordering::Relaxed);
                 }
             }
             None => {
@@ -500,6 +507,20 @@ async fn summary_loop(shared: Arc<Shared>) {
             _ = shared.cancel.cancelled() => return,
             _ = ticker.tick() => shared.transport.incidents().summarize(),
         }
+    }
+}
+
+/// Copies the counters to the `metrics` recorder every [`telemetry::PUBLISH_EVERY`].
+async fn metrics_loop(shared: Arc<Shared>) {
+    crate::telemetry::describe();
+    let mut ticker = tokio::time::interval(crate::telemetry::PUBLISH_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        shared.record_metrics(&shared.snapshot());
     }
 }
 

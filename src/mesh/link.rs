@@ -373,6 +373,9 @@ impl Writer {
                 link.stats
                     .commands_sent
                     .fetch_add(n as u64, Ordering::Relaxed);
+                link.stats
+                    .command_bytes_sent
+                    .fetch_add(bytes as u64, Ordering::Relaxed);
                 link.stats.batches_sent.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }

@@ -42,6 +42,7 @@ use crate::{
     membership::{Member, Membership, keys},
     peers::NodeId,
     seed::SeedContext,
+    telemetry,
     transport::{Endpoint, TransportSettings, quic::QuicTransport, ws::WsTransport},
     wire::{self, Command, CommandRef, Hello, Query, QueryRef, Reply},
 };
@@ -117,6 +118,10 @@ pub(crate) struct Stats {
     pub commands_received: AtomicU64,
     pub commands_lost: AtomicU64,
     pub commands_missed: AtomicU64,
+    pub command_bytes_sent: AtomicU64,
+    pub command_bytes_received: AtomicU64,
+    pub gossip_bytes_sent: AtomicU64,
+    pub gossip_bytes_received: AtomicU64,
     pub batches_sent: AtomicU64,
     pub volatile_dropped: AtomicU64,
     pub slow_peer_cutoffs: AtomicU64,
@@ -146,6 +151,14 @@ pub struct MeshStats {
     /// back). Counted exactly, from the gap in the peer's sequence numbers when its next
     /// command stream starts.
     pub commands_missed: u64,
+    /// Bytes of the commands sent to peers (frames, before transport overhead).
+    pub command_bytes_sent: u64,
+    /// Bytes of the commands received from peers.
+    pub command_bytes_received: u64,
+    /// Bytes of gossip (membership) messages sent to peers.
+    pub gossip_bytes_sent: u64,
+    /// Bytes of gossip messages received from peers.
+    pub gossip_bytes_received: u64,
     /// Stream writes that carried the commands sent: `commands_sent / batches_sent` is the
     /// average number of commands per write.
     pub batches_sent: u64,
@@ -466,39 +479,27 @@ impl Mesh {
         u16::try_from(peers + 1).unwrap_or(u16::MAX)
     }
 
+    /// Copy [`stats`](Self::stats) and the per-peer gauges to the [`metrics`] recorder now.
+    /// The mesh does it every second on its own; call this from a `/metrics` handler for the
+    /// values of the moment. Without a recorder installed it does nothing useful.
+    ///
+    /// ```no_run
+    /// # async fn f(mesh: socketioxide_mesh::Mesh) {
+    /// let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+    ///     .install_recorder()
+    ///     .expect("one recorder per process");
+    /// // in the /metrics handler:
+    /// mesh.record_metrics();
+    /// let text = prometheus.render();
+    /// # let _ = text; }
+    /// ```
+    pub fn record_metrics(&self) {
+        self.shared.record_metrics(&self.stats());
+    }
+
     /// Counters of what happened on this node.
     pub fn stats(&self) -> MeshStats {
-        let s = &self.shared.stats;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (mut queued_commands, mut queued_bytes) = (0, 0);
-        for link in self.shared.links().values() {
-            let (n, bytes) = link.depth();
-            queued_commands += n as u64;
-            queued_bytes += bytes as u64;
-        }
-        let io = self.shared.transport.io();
-        MeshStats {
-            commands_sent: l(&s.commands_sent),
-            commands_received: l(&s.commands_received),
-            commands_lost: l(&s.commands_lost),
-            commands_missed: l(&s.commands_missed),
-            batches_sent: l(&s.batches_sent),
-            volatile_dropped: l(&s.volatile_dropped),
-            slow_peer_cutoffs: l(&s.slow_peer_cutoffs),
-            socket_buffer_drops: l(&s.socket_buffer_drops),
-            queued_commands,
-            queued_bytes,
-            peer_send_calls: l(&io.send_calls),
-            peer_recv_calls: l(&io.recv_calls),
-            protocol_errors: l(&s.protocol_errors) + self.shared.transport.protocol_errors(),
-            handshakes_refused: self.shared.transport.incidents().inbound_refused(),
-            dials_failed: l(&s.dials_failed),
-            incidents: self.shared.transport.incidents().counts(),
-            requests: l(&s.requests),
-            request_peer_failures: l(&s.request_peer_failures),
-            queries_answered: l(&s.queries_answered),
-            queries_refused: l(&s.queries_refused),
-        }
+        self.shared.snapshot()
     }
 
     /// Set the handler of server-side events emitted by other nodes (replaces any previous
@@ -559,7 +560,7 @@ impl Mesh {
         let timeout = self.shared.settings.request_timeout;
         let mut out = self
             .shared
-            .request(&targets, &query, Mode::Single, timeout)
+            .request("server_event", &targets, &query, Mode::Single, timeout)
             .await?;
         let mut answers = Vec::new();
         while let Some((node, reply)) = out.next().await {
@@ -622,6 +623,64 @@ impl Mesh {
 }
 
 impl Shared {
+    /// See [`Mesh::stats`].
+    pub(crate) fn snapshot(&self) -> MeshStats {
+        let s = &self.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (mut queued_commands, mut queued_bytes) = (0, 0);
+        for link in self.links().values() {
+            let (n, bytes) = link.depth();
+            queued_commands += n as u64;
+            queued_bytes += bytes as u64;
+        }
+        let io = self.transport.io();
+        MeshStats {
+            commands_sent: l(&s.commands_sent),
+            commands_received: l(&s.commands_received),
+            commands_lost: l(&s.commands_lost),
+            commands_missed: l(&s.commands_missed),
+            command_bytes_sent: l(&s.command_bytes_sent),
+            command_bytes_received: l(&s.command_bytes_received),
+            gossip_bytes_sent: l(&s.gossip_bytes_sent),
+            gossip_bytes_received: l(&s.gossip_bytes_received),
+            batches_sent: l(&s.batches_sent),
+            volatile_dropped: l(&s.volatile_dropped),
+            slow_peer_cutoffs: l(&s.slow_peer_cutoffs),
+            socket_buffer_drops: l(&s.socket_buffer_drops),
+            queued_commands,
+            queued_bytes,
+            peer_send_calls: l(&io.send_calls),
+            peer_recv_calls: l(&io.recv_calls),
+            protocol_errors: l(&s.protocol_errors) + self.transport.protocol_errors(),
+            handshakes_refused: self.transport.incidents().inbound_refused(),
+            dials_failed: l(&s.dials_failed),
+            incidents: self.transport.incidents().counts(),
+            requests: l(&s.requests),
+            request_peer_failures: l(&s.request_peer_failures),
+            queries_answered: l(&s.queries_answered),
+            queries_refused: l(&s.queries_refused),
+        }
+    }
+
+    /// See [`Mesh::record_metrics`].
+    pub(crate) fn record_metrics(&self, stats: &MeshStats) {
+        let links: Vec<telemetry::LinkView> = self
+            .links()
+            .values()
+            .map(|l| {
+                let (queued, queued_bytes) = l.depth();
+                telemetry::LinkView {
+                    peer: l.node_uid.to_string(),
+                    connected: l.state.borrow().conn.is_some(),
+                    queued,
+                    queued_bytes,
+                }
+            })
+            .collect();
+        let members = self.members_tx.borrow().len();
+        telemetry::publish(stats, members, self.settings.transport.as_str(), &links);
+    }
+
     pub(crate) fn links(&self) -> std::sync::RwLockReadGuard<'_, HashMap<NodeId, Arc<Link>>> {
         self.links.read().unwrap_or_else(|e| e.into_inner())
     }

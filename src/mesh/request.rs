@@ -37,6 +37,9 @@ use crate::{
     wire::{self, QueryHeader, Reply},
 };
 
+/// The failure of a peer that did not answer within the request timeout.
+const TIMED_OUT: &str = "request timed out";
+
 /// How a peer answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -54,6 +57,12 @@ enum PeerEvent {
 
 /// An outgoing request: yields replies until every peer answered or failed.
 pub(crate) struct Outgoing {
+    /// What is asked, for the latency histogram (`fetch_sockets`, `rooms`...).
+    kind: &'static str,
+    started: Instant,
+    /// Peers that failed, and whether one of them by the timeout.
+    failed: bool,
+    timed_out: bool,
     rx: mpsc::Receiver<PeerEvent>,
     gather: Gather,
     uids: HashMap<NodeId, Uid>,
@@ -66,14 +75,20 @@ impl Shared {
     /// `timeout`); the whole request is bounded by `timeout`.
     pub(crate) async fn request(
         self: &Arc<Self>,
+        kind: &'static str,
         targets: &[Arc<Link>],
         query: &impl serde::Serialize,
         mode: Mode,
         timeout: Duration,
     ) -> Result<Outgoing, Error> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let (tx, rx) = mpsc::channel(targets.len().clamp(1, 64));
         let mut out = Outgoing {
+            kind,
+            started,
+            failed: false,
+            timed_out: false,
             rx,
             gather: Gather::new(targets.iter().map(|l| l.node)),
             uids: targets.iter().map(|l| (l.node, l.node_uid)).collect(),
@@ -101,9 +116,7 @@ impl Shared {
                 let ev = match res {
                     Ok(Ok(())) => PeerEvent::Done(node),
                     Ok(Err(e)) => PeerEvent::Failed(node, e),
-                    Err(_) => {
-                        PeerEvent::Failed(node, PeerError::Transport("request timed out".into()))
-                    }
+                    Err(_) => PeerEvent::Failed(node, PeerError::Transport(TIMED_OUT.into())),
                 };
                 // The requester may have stopped listening; nothing to do then.
                 let _ = tx.send(ev).await;
@@ -201,6 +214,8 @@ impl Outgoing {
                         .request_peer_failures
                         .fetch_add(1, Ordering::Relaxed);
                     debug!(peer = %self.uid_of(node), error = %e, "peer failed to answer a request");
+                    self.failed = true;
+                    self.timed_out |= matches!(&e, PeerError::Transport(t) if t == TIMED_OUT);
                     self.gather.failed(node, e);
                 }
             }
@@ -218,5 +233,20 @@ impl Outgoing {
 
     pub(crate) fn uid_of(&self, node: NodeId) -> Uid {
         self.uids.get(&node).copied().unwrap_or_default()
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        let outcome = if !self.gather.is_complete() {
+            "abandoned"
+        } else if self.timed_out {
+            "timeout"
+        } else if self.failed {
+            "peer_failed"
+        } else {
+            "answered"
+        };
+        crate::telemetry::request_ended(self.kind, outcome, self.started.elapsed());
     }
 }

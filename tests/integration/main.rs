@@ -32,6 +32,7 @@ mod discovery;
 mod formation;
 mod js;
 mod losses;
+mod metrics;
 mod mixed;
 mod ordering;
 mod process;
