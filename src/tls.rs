@@ -705,7 +705,23 @@ impl DevCa {
         let node = self.issue(node_name)?;
         write("ca.pem", &self.cert_pem)?;
         write("node.pem", &node.cert_pem)?;
-        write("node.key", &node.key_pem)?;
+        // The private key: readable by its owner only, from its creation.
+        let key_path = dir.join("node.key");
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        std::io::Write::write_all(
+            &mut options.open(&key_path).map_err(|e| TlsError::Read {
+                path: key_path.display().to_string(),
+                reason: e.to_string(),
+            })?,
+            node.key_pem.as_bytes(),
+        )
+        .map_err(|e| TlsError::Read {
+            path: key_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         Ok(())
     }
 }
@@ -824,6 +840,15 @@ mod tests {
         let ca = DevCa::generate("test CA").unwrap();
         ca.write_dir(&dir, "n1").unwrap();
         TlsConfig::from_dir(&dir).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("node.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "the key is private: {mode:o}");
+        }
         let err = TlsConfig::from_dir(dir.join("missing")).unwrap_err();
         assert!(matches!(err, TlsError::Read { .. }), "{err}");
         std::fs::remove_dir_all(dir).ok();

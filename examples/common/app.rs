@@ -262,6 +262,7 @@ pub async fn serve(
     }
     let status_mesh = mesh.clone();
     let metrics_mesh = mesh.clone();
+    let ready_mesh = mesh.clone();
     let prometheus = prometheus();
     let app = Router::new()
         .route(
@@ -277,7 +278,26 @@ pub async fn serve(
         )
         .route("/", get(|| async { Html(PAGE) }))
         .route("/client.js", get(client_js))
+        // Liveness: the process serves HTTP.
         .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        // Readiness: joined the mesh, connected to every live member.
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready_mesh.ready();
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ready")
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "joining the mesh",
+                        )
+                    }
+                }
+            }),
+        )
         .route(
             "/mesh",
             get(move || {

@@ -67,6 +67,29 @@ struct Driver {
     /// The live members, as last published.
     members: Vec<Member>,
     events_tx: mpsc::Sender<Event>,
+    /// Where joining the mesh stands (for readiness).
+    join: Join,
+}
+
+/// Joining the mesh, as readiness sees it.
+#[derive(Debug)]
+enum Join {
+    /// Waiting for the first seed round that a source answered.
+    Seeds,
+    /// Dialing the first round's seeds: done when one connects (and gossip lists members), or
+    /// when every one of them failed (this node is alone).
+    Dialing {
+        pending: HashSet<SocketAddr>,
+        connected: bool,
+    },
+    Done,
+}
+
+/// One round of the seed sources.
+pub(super) struct SeedRound {
+    addrs: Vec<SocketAddr>,
+    /// Whether at least one source answered (an empty answer counts).
+    answered: bool,
 }
 
 pub(super) async fn spawn(
@@ -94,6 +117,11 @@ pub(super) async fn spawn(
         departed: HashSet::new(),
         members: Vec::new(),
         events_tx: events_tx.clone(),
+        join: if shared.seeds.is_empty() {
+            Join::Done
+        } else {
+            Join::Seeds
+        },
     };
     shared.tasks.spawn(accept_loop(shared.clone(), events_tx));
     shared
@@ -120,9 +148,10 @@ impl Driver {
             std::collections::BTreeMap<chitchat::ChitchatId, chitchat::NodeState>,
         >,
         mut gossip_out: mpsc::Receiver<(SocketAddr, Bytes)>,
-        mut seeds: mpsc::Receiver<Vec<SocketAddr>>,
+        mut seeds: mpsc::Receiver<SeedRound>,
     ) {
         let cancel = self.shared.cancel.clone();
+        self.update_ready();
         loop {
             let wake = self
                 .table
@@ -140,15 +169,11 @@ impl Driver {
                     self.on_members(&map);
                 }
                 Some((addr, frame)) = gossip_out.recv() => self.on_gossip_out(addr, frame),
-                Some(addrs) = seeds.recv() => {
-                    let now = std::time::Instant::now();
-                    for addr in addrs {
-                        self.table.want(now, addr);
-                    }
-                }
+                Some(round) = seeds.recv() => self.on_seeds(round),
                 _ = sleep_until(wake) => {}
             }
             self.run_actions();
+            self.update_ready();
         }
         for entry in self.conns.values() {
             entry.conn.close(CloseCode::Leaving, "node shutting down");
@@ -273,10 +298,59 @@ impl Driver {
         });
     }
 
+    fn on_seeds(&mut self, round: SeedRound) {
+        let now = std::time::Instant::now();
+        if matches!(self.join, Join::Seeds) && round.answered {
+            let me = [self.shared.hello.advertise_addr, self.shared.local_addr];
+            let pending: HashSet<SocketAddr> = round
+                .addrs
+                .iter()
+                .copied()
+                .filter(|a| !me.contains(a))
+                .collect();
+            self.join = if pending.is_empty() {
+                Join::Done
+            } else {
+                Join::Dialing {
+                    pending,
+                    connected: false,
+                }
+            };
+        }
+        for addr in round.addrs {
+            self.table.want(now, addr);
+        }
+    }
+
+    /// Ready: joined (see [`Join`]) and a connection to every live member.
+    fn update_ready(&mut self) {
+        if let Join::Dialing { pending, connected } = &self.join
+            && ((*connected && !self.members.is_empty()) || pending.is_empty())
+        {
+            self.join = Join::Done;
+        }
+        let ready = matches!(self.join, Join::Done) && {
+            let links = self.shared.links();
+            self.members.iter().all(|m| {
+                links
+                    .get(&*m.node_id)
+                    .is_some_and(|l| l.state.borrow().conn.is_some())
+            })
+        };
+        self.shared.ready_tx.send_if_modified(|r| {
+            let changed = *r != ready;
+            *r = ready;
+            changed
+        });
+    }
+
     fn on_event(&mut self, ev: Event) {
         let now = std::time::Instant::now();
         match ev {
             Event::Connected { conn, peer, dialed } => {
+                if let Join::Dialing { connected, .. } = &mut self.join {
+                    *connected = true;
+                }
                 let node = *peer.node_id;
                 if self.departed.contains(&node) || self.shared.cancel.is_cancelled() {
                     conn.close(CloseCode::Leaving, "peer already left");
@@ -314,6 +388,9 @@ impl Driver {
                 self.shared.membership.gossip_to(self.conn_addr(id));
             }
             Event::DialFailed { addr, error } => {
+                if let Join::Dialing { pending, .. } = &mut self.join {
+                    pending.remove(&addr);
+                }
                 self.shared
                     .stats
                     .dials_failed
@@ -467,7 +544,7 @@ async fn accept_loop(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
 }
 
 /// Asks every seed source periodically and hands the addresses to the driver.
-async fn seed_loop(shared: Arc<Shared>, interval: Duration, tx: mpsc::Sender<Vec<SocketAddr>>) {
+async fn seed_loop(shared: Arc<Shared>, interval: Duration, tx: mpsc::Sender<SeedRound>) {
     if shared.seeds.is_empty() {
         return;
     }
@@ -479,19 +556,23 @@ async fn seed_loop(shared: Arc<Shared>, interval: Duration, tx: mpsc::Sender<Vec
             _ = ticker.tick() => {}
         }
         let mut addrs = Vec::new();
+        let mut answered = false;
         for source in &shared.seeds {
             let ctx = shared.seed_ctx.clone();
             match tokio::time::timeout(interval.max(Duration::from_secs(2)), source.seeds(&ctx))
                 .await
             {
-                Ok(Ok(found)) => addrs.extend(found),
+                Ok(Ok(found)) => {
+                    answered = true;
+                    addrs.extend(found)
+                }
                 Ok(Err(e)) => warn!(source = source.name(), error = %e, "seed source failed"),
                 Err(_) => warn!(source = source.name(), "seed source timed out"),
             }
         }
         addrs.sort();
         addrs.dedup();
-        if tx.send(addrs).await.is_err() {
+        if tx.send(SeedRound { addrs, answered }).await.is_err() {
             return;
         }
     }

@@ -275,6 +275,8 @@ pub(crate) struct Shared {
     pub retired: Mutex<Retired>,
     pub server_handler: RwLock<Option<ServerEventHandler>>,
     pub members_tx: watch::Sender<Arc<Vec<Member>>>,
+    /// See [`Mesh::watch_ready`].
+    pub ready_tx: watch::Sender<bool>,
     pub request_permits: Arc<Semaphore>,
     pub stats: Arc<Stats>,
     pub membership: Membership,
@@ -411,6 +413,7 @@ impl Mesh {
             retired: Mutex::new(Retired::default()),
             server_handler: RwLock::new(None),
             members_tx,
+            ready_tx: watch::channel(false).0,
             request_permits: Arc::new(Semaphore::new(config.max_in_flight_requests)),
             stats: Arc::new(Stats::default()),
             membership,
@@ -464,6 +467,28 @@ impl Mesh {
     /// ```
     pub fn watch_members(&self) -> watch::Receiver<Arc<Vec<Member>>> {
         self.shared.members_tx.subscribe()
+    }
+
+    /// Whether this node is ready to serve (a Kubernetes readiness probe): it has joined the
+    /// mesh (its first round of seeds answered, and it connected to one of them and learned
+    /// the members, or none of them could be reached: it is alone) and it has a connection to
+    /// every live member, so what its clients emit reaches every node. Goes false while a
+    /// member is live without a connection (being dialed, or cut off).
+    ///
+    /// ```no_run
+    /// # async fn f(mesh: socketioxide_mesh::Mesh) {
+    /// let mut ready = mesh.watch_ready();
+    /// ready.wait_for(|r| *r).await.ok();
+    /// assert!(mesh.ready());
+    /// # }
+    /// ```
+    pub fn ready(&self) -> bool {
+        *self.shared.ready_tx.borrow()
+    }
+
+    /// [`ready`](Self::ready) as a watch, to wait for it.
+    pub fn watch_ready(&self) -> watch::Receiver<bool> {
+        self.shared.ready_tx.subscribe()
     }
 
     /// The number of nodes serving namespace `ns`: this one plus the live peers serving it.

@@ -43,4 +43,36 @@ async fn a_seed_that_starts_late_is_joined_without_waiting_for_the_next_seed_rou
     Ok(())
 }
 
-both_transports!(a_seed_that_starts_late_is_joined_without_waiting_for_the_next_seed_round);
+/// `ready()` is false until the node has joined and connected to every member; a node whose
+/// seeds cannot be reached is alone, and ready.
+async fn ready_once_joined_and_connected_to_every_member(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
+    let joiner = start_node(config(kind, &c.ca, "joiner", &[c.seed()])).await?;
+    assert!(
+        !joiner.mesh.ready(),
+        "ready before the first seed was even dialed"
+    );
+    let mut ready = joiner.mesh.watch_ready();
+    tokio::time::timeout(WAIT, ready.wait_for(|r| *r)).await??;
+    let all = [&c.nodes[0], &c.nodes[1], &joiner];
+    converge(&all).await?;
+    assert!(joiner.mesh.ready());
+    // Ready means its clients' messages reach every node.
+    let mut far = c.nodes[1].client(&["/"]).await?;
+    joiner.io.emit("hello", &()).await.sio()?;
+    far.event("/", "hello").await?;
+
+    // Alone: the only seed is a closed port.
+    let alone = start_node(config(kind, &c.ca, "alone", &[free_addr(kind)?])).await?;
+    let mut ready = alone.mesh.watch_ready();
+    tokio::time::timeout(WAIT, ready.wait_for(|r| *r)).await??;
+    assert!(alone.mesh.members().is_empty());
+    Ok(())
+}
+
+both_transports!(
+    a_seed_that_starts_late_is_joined_without_waiting_for_the_next_seed_round,
+    ready_once_joined_and_connected_to_every_member
+);
