@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     error::ConfigError,
-    seed::{DiscoverySeeds, SeedSource, StaticSeeds},
+    seed::{SeedSource, StaticSeeds},
     tls::TlsConfig,
 };
 
@@ -180,7 +180,7 @@ impl MeshConfig {
     /// | `MESH_CLUSTER_ID` | cluster id | `socketioxide-mesh` |
     /// | `MESH_TRANSPORT` | `quic` or `ws` | `quic` |
     /// | `MESH_LISTEN_ADDR` | listen address | `0.0.0.0:7800` |
-    /// | `MESH_ADVERTISE_ADDR` | address peers dial | `$POD_IP:<listen port>` if `POD_IP` is set |
+    /// | `MESH_ADVERTISE_ADDR` | address peers dial | `$POD_IP:<listen port>` if `POD_IP` is set, else the listen address, or (listening on `0.0.0.0`) the address of the interface that routes outwards |
     /// | `MESH_DISCOVERY_URL` | comma-separated discovery service URLs (`https` uses the node's TLS material) | none |
     /// | `MESH_SEEDS` | comma-separated `host:port` (names re-resolved, e.g. a headless Service) | none |
     /// | `MESH_SEED_INTERVAL_MS` | how often seed sources are asked | 5000 |
@@ -265,13 +265,24 @@ impl MeshConfig {
                 value: v.clone(),
                 reason,
             };
-            let mut discovery = DiscoverySeeds::new(urls).map_err(|e| env_err(e.to_string()))?;
-            if discovery.needs_tls() {
-                discovery = discovery
-                    .with_tls(&cfg.tls)
-                    .map_err(|e| env_err(e.to_string()))?;
+            #[cfg(feature = "discovery-client")]
+            {
+                let mut discovery =
+                    crate::seed::DiscoverySeeds::new(urls).map_err(|e| env_err(e.to_string()))?;
+                if discovery.needs_tls() {
+                    discovery = discovery
+                        .with_tls(&cfg.tls)
+                        .map_err(|e| env_err(e.to_string()))?;
+                }
+                cfg.seeds.push(Arc::new(discovery));
             }
-            cfg.seeds.push(Arc::new(discovery));
+            #[cfg(not(feature = "discovery-client"))]
+            {
+                let _ = urls;
+                return Err(env_err(
+                    "built without the `discovery-client` feature of socketioxide-mesh".into(),
+                ));
+            }
         }
         if let Some(v) = get("MESH_SEEDS") {
             let seeds: Vec<String> = v
@@ -512,9 +523,6 @@ impl MeshConfig {
         if !id_ok {
             return Err(ConfigError::ClusterId(self.cluster_id.clone()));
         }
-        if self.listen_addr.ip().is_unspecified() && self.advertise_addr.is_none() {
-            return Err(ConfigError::AdvertiseAddrMissing(self.listen_addr));
-        }
         if let Some(adv) = self.advertise_addr
             && (adv.ip().is_unspecified() || adv.port() == 0)
         {
@@ -623,9 +631,10 @@ mod tests {
     }
 
     #[test]
-    fn defaults_need_an_advertised_address() {
-        let err = MeshConfig::new(tls()).validate().unwrap_err();
-        assert!(matches!(err, ConfigError::AdvertiseAddrMissing(_)), "{err}");
+    fn defaults_are_valid_and_a_bad_advertised_address_is_not() {
+        // Listening everywhere without an advertised address: the mesh picks the outward
+        // interface's at start.
+        MeshConfig::new(tls()).validate().unwrap();
         MeshConfig::new(tls())
             .with_advertise_addr("10.0.0.1:7800".parse().unwrap())
             .validate()

@@ -14,8 +14,8 @@ pub enum ConfigError {
     /// The cluster id is empty, too long or has characters outside `[A-Za-z0-9._-]`.
     #[error("invalid cluster id {0:?}: use 1-64 characters from [A-Za-z0-9._-]")]
     ClusterId(String),
-    /// The node listens on an unspecified address (`0.0.0.0` / `::`) and no advertised address
-    /// was given, so peers would not know where to reach it.
+    /// The node listens on an unspecified address (`0.0.0.0` / `::`), no advertised address
+    /// was given, and no interface routes outwards to take the address of.
     #[error(
         "listen address {0} is unspecified: set an advertised address (MESH_ADVERTISE_ADDR) peers can reach"
     )]

@@ -2,30 +2,43 @@
 //! # socketioxide-mesh
 //!
 //! Scale [socketioxide](https://docs.rs/socketioxide) servers horizontally **without a
-//! broker**: the servers talk to each other directly over mutually-authenticated QUIC, and
-//! find each other by gossip.
+//! broker**: the servers talk to each other directly, over mutually-authenticated QUIC
+//! (default) or WebSocket over TLS (`TransportKind::Ws`, for networks that carry only TCP),
+//! and find each other by gossip.
 //!
 //! ```no_run
-//! use socketioxide::{SocketIo, extract::SocketRef};
-//! use socketioxide_mesh::{Mesh, MeshAdapter, MeshConfig, StaticSeeds, TlsConfig};
+//! use socketioxide::{SocketIo, extract::{Data, SocketRef}, handler::ConnectHandler};
+//! use socketioxide_mesh::{Mesh, MeshAdapter, MeshConfig, StaticSeeds, TlsConfig, TransportKind};
 //!
 //! type A = MeshAdapter<socketioxide::adapter::Emitter>;
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = MeshConfig::new(TlsConfig::from_dir("/etc/mesh-tls")?)
-//!     .with_advertise_addr("10.0.0.5:7800".parse()?)
+//!     .with_transport(TransportKind::Quic) // or TransportKind::Ws
 //!     .with_seeds(StaticSeeds::new(["mesh.default.svc.cluster.local:7800"]));
 //! let mesh = Mesh::start(config).await?;
 //! let (layer, io) = SocketIo::builder()
+//!     .max_buffer_size(4096) // peers' broadcasts arrive in bursts
 //!     .with_adapter::<A>(mesh.clone())
 //!     .build_layer();
-//! io.ns("/", async |s: SocketRef<A>| {
+//! // Register handlers in a connect middleware: socketioxide 0.18 answers the client's connect
+//! // before an async connect handler runs, and events sent right after would find no handler.
+//! let register = |s: SocketRef<A>| async move {
 //!     s.join("lobby");
-//! })
-//! .await?;
-//! // `io.to("lobby").emit(..)` now reaches the lobby's sockets on every node.
+//!     s.on("say", async |s: SocketRef<A>, Data(msg): Data<String>| {
+//!         // reaches the lobby's sockets on every node
+//!         let _ = s.to("lobby").emit("said", &msg).await;
+//!     });
+//!     Ok::<(), std::convert::Infallible>(())
+//! };
+//! io.ns("/", (async || {}).with(register)).await?;
 //! # let _ = layer;
 //! # Ok(()) }
 //! ```
+//!
+//! Features (both on by default): `dev-ca` ([`DevCa`], an in-memory development CA, rcgen)
+//! and `discovery-client` ([`DiscoverySeeds`], the discovery service's client, hyper). A
+//! production build that loads PEM files and uses static or DNS seeds can turn them off:
+//! `default-features = false`.
 //!
 //! # Layout
 //!
@@ -69,6 +82,10 @@
 //! cluster id. Gossip rides the same connections: the node opens one port, and nothing
 //! arrives on it unauthenticated.
 
+// The crate's own tests generate certificates.
+#[cfg(all(test, not(feature = "dev-ca")))]
+compile_error!("socketioxide-mesh's tests need the `dev-ca` feature (on by default)");
+
 pub mod adapter;
 mod config;
 mod error;
@@ -91,8 +108,12 @@ pub use error::{ConfigError, Error, PeerError, TlsError};
 pub use incidents::IncidentCounts;
 pub use membership::Member;
 pub use mesh::{Mesh, MeshStats, ServerEvent};
-pub use seed::{DiscoverySeeds, StaticSeeds};
-pub use tls::{DevCa, NodeCert, TlsConfig};
+#[cfg(feature = "discovery-client")]
+pub use seed::DiscoverySeeds;
+pub use seed::StaticSeeds;
+pub use tls::TlsConfig;
+#[cfg(feature = "dev-ca")]
+pub use tls::{DevCa, NodeCert};
 pub use wire::PROTOCOL_VERSION;
 
 /// The README's code, compiled as a doctest so it stays true.

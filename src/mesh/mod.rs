@@ -57,6 +57,23 @@ pub(crate) trait NsHandler: Send + Sync + 'static {
     fn num_sockets(&self) -> usize;
 }
 
+/// The local address of the interface with a route outwards (no packet is sent: connecting a
+/// UDP socket only picks a route), of the same family as `like`.
+fn outward_ip(like: std::net::IpAddr) -> Option<std::net::IpAddr> {
+    let (bind, probe): (SocketAddr, SocketAddr) = if like.is_ipv4() {
+        (([0, 0, 0, 0], 0).into(), ([192, 0, 2, 1], 9).into())
+    } else {
+        (
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            ("2001:db8::1".parse::<std::net::Ipv6Addr>().ok()?, 9).into(),
+        )
+    };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(probe).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
 /// Which sequence a [`Retired`] entry is.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Side {
@@ -369,12 +386,23 @@ impl Mesh {
         let local_addr = transport.local_addr();
         let advertise_addr = match config.advertise_addr {
             Some(a) => a,
-            None => {
-                if local_addr.ip().is_unspecified() || local_addr.port() == 0 {
-                    return Err(crate::ConfigError::AdvertiseAddrInvalid(local_addr).into());
-                }
-                local_addr
+            None if local_addr.port() == 0 => {
+                return Err(crate::ConfigError::AdvertiseAddrInvalid(local_addr).into());
             }
+            None if local_addr.ip().is_unspecified() => {
+                // Listening on every interface with nothing said about which one peers use
+                // (no MESH_ADVERTISE_ADDR, no POD_IP): the one that routes outwards.
+                let ip = outward_ip(local_addr.ip())
+                    .ok_or(crate::ConfigError::AdvertiseAddrMissing(local_addr))?;
+                let guessed = SocketAddr::new(ip, local_addr.port());
+                info!(
+                    advertise = %guessed,
+                    "advertising the address of the interface that routes outwards; set \
+                     MESH_ADVERTISE_ADDR (with_advertise_addr) to choose another"
+                );
+                guessed
+            }
+            None => local_addr,
         };
         let node_id = Uid::new();
         let (membership, pipes) = Membership::start(&config, node_id, advertise_addr).await?;

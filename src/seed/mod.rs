@@ -25,11 +25,13 @@
 //! }
 //! ```
 
+#[cfg(feature = "discovery-client")]
 mod discovery;
 mod list;
 
 use std::{net::SocketAddr, sync::Arc};
 
+#[cfg(feature = "discovery-client")]
 pub use discovery::DiscoverySeeds;
 pub use list::StaticSeeds;
 pub(crate) use list::parse_host_port;
@@ -83,12 +85,14 @@ pub trait SeedSource: Send + Sync + 'static {
 /// all asked, and their addresses merged; use this when a source should only be a fallback.)
 ///
 /// ```
+/// # #[cfg(feature = "discovery-client")] {
 /// use socketioxide_mesh::seed::{DiscoverySeeds, FirstOf, StaticSeeds};
 /// # fn f() -> Result<(), Box<dyn std::error::Error>> {
 /// let seeds = FirstOf::new()
 ///     .or(DiscoverySeeds::new(["http://discovery:8000"])?)
 ///     .or(StaticSeeds::new(["mesh-headless.default.svc.cluster.local:7800"]));
 /// # let _ = seeds; Ok(()) }
+/// # }
 /// ```
 #[derive(Default)]
 pub struct FirstOf {

@@ -72,7 +72,24 @@ async fn ready_once_joined_and_connected_to_every_member(
     Ok(())
 }
 
+/// Listening on every interface without an advertised address (outside Kubernetes, no
+/// `POD_IP`): the node advertises the address of its outward interface, and peers reach it.
+async fn a_node_listening_everywhere_advertises_a_dialable_address(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    logs();
+    let ca = DevCa::generate("everywhere CA")?;
+    let everywhere =
+        start_node(config(kind, &ca, "everywhere", &[]).with_listen_addr("0.0.0.0:0".parse()?))
+            .await?;
+    let adv = everywhere.mesh.advertise_addr();
+    assert!(!adv.ip().is_unspecified() && adv.port() != 0, "{adv}");
+    let peer = start_node(config(kind, &ca, "peer", &[adv])).await?;
+    converge(&[&everywhere, &peer]).await
+}
+
 both_transports!(
     a_seed_that_starts_late_is_joined_without_waiting_for_the_next_seed_round,
-    ready_once_joined_and_connected_to_every_member
+    ready_once_joined_and_connected_to_every_member,
+    a_node_listening_everywhere_advertises_a_dialable_address
 );
