@@ -189,18 +189,15 @@ fn register(s: &SocketRef<A>, io: SocketIo<A>) {
     );
 }
 
-/// The official socket.io client for the page, from the npm install of the JS tests when
-/// present (the page falls back to the CDN otherwise).
+/// The page's Socket.IO client: a small one written for this project (`client.js`), built
+/// into the binary, so the demo works offline.
 async fn client_js() -> axum::response::Response {
     use axum::response::IntoResponse;
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/js/node_modules/socket.io-client/dist/socket.io.min.js"
-    );
-    match tokio::fs::read(path).await {
-        Ok(js) => ([(axum::http::header::CONTENT_TYPE, "text/javascript")], js).into_response(),
-        Err(_) => axum::http::StatusCode::NOT_FOUND.into_response(),
-    }
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/javascript")],
+        include_str!("client.js"),
+    )
+        .into_response()
 }
 
 /// The process's Prometheus recorder, installed at the first call: the mesh records through

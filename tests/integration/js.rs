@@ -46,6 +46,42 @@ async fn run_interop(kind: TransportKind, parser: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The demo page's own client (`examples/common/client.js`, served at `/client.js` and built
+/// into the binary, so the page works offline), driven from Node.js against two node
+/// processes: it connects, chats across the mesh, gets an ack, and answers a server's question.
+async fn page_client_works_across_the_mesh(kind: TransportKind) -> anyhow::Result<()> {
+    logs();
+    let js = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    anyhow::ensure!(
+        js.join("node_modules/ws").exists(),
+        "the JS test packages are not installed: run `npm ci --prefix tests/js` (.ci/run does)"
+    );
+    let ca = socketioxide_mesh::DevCa::generate("page CA")?;
+    let certs = TempDir::new("page");
+    let nodes = spawn_cluster(kind, &ca, &certs.0, 2, &[("MESH_CLUSTER_ID", "page")]).await?;
+    let out = tokio::time::timeout(
+        WAIT * 3,
+        tokio::process::Command::new("node")
+            .current_dir(&js)
+            .arg("page-client.mjs")
+            .args(nodes.iter().map(|n| format!("http://{}", n.http)))
+            .output(),
+    )
+    .await
+    .context("the page client did not finish")?
+    .context("run node (is Node.js installed?)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "the page client failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in ["ok connected", "ok chat", "ok fetch", "ok question"] {
+        assert!(stdout.contains(step), "{step} missing:\n{stdout}");
+    }
+    Ok(())
+}
+
 /// A minimal HTTP/1.1 GET (no client library needed for one JSON endpoint).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -74,5 +110,6 @@ async fn official_js_client_msgpack_parser(kind: TransportKind) -> anyhow::Resul
 
 both_transports!(
     official_js_client_json_parser,
-    official_js_client_msgpack_parser
+    official_js_client_msgpack_parser,
+    page_client_works_across_the_mesh
 );
