@@ -21,7 +21,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -51,6 +51,29 @@ pub struct AppState {
     started: Instant,
     shutting_down: AtomicBool,
     stats: Stats,
+    registrations: AtomicU64,
+    renewals: AtomicU64,
+    deregistrations: AtomicU64,
+    /// Refused registrations, by reason (the order of [`REFUSAL_REASONS`]).
+    refusals: [AtomicU64; REFUSAL_REASONS.len()],
+}
+
+/// Why a registration was refused, as the `reason` label of
+/// `socketioxide_mesh_discovery_refusals_total`.
+const REFUSAL_REASONS: [&str; 4] = [
+    "invalid_id",
+    "invalid_addr",
+    "too_many_clusters",
+    "too_many_nodes",
+];
+
+fn refusal_reason(e: &RegistryError) -> usize {
+    match e {
+        RegistryError::ClusterId | RegistryError::NodeId => 0,
+        RegistryError::Addr(..) => 1,
+        RegistryError::TooManyClusters(_) => 2,
+        RegistryError::TooManyNodes(_) => 3,
+    }
 }
 
 impl AppState {
@@ -62,6 +85,10 @@ impl AppState {
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             stats: Stats::default(),
+            registrations: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+            deregistrations: AtomicU64::new(0),
+            refusals: Default::default(),
         })
     }
 
@@ -206,7 +233,18 @@ async fn register(
 ) -> Result<Json<Registered>, ApiError> {
     let mut rng = st.rng.lock().unwrap_or_else(|e| e.into_inner());
     let mut registry = st.registry();
-    let seeds = registry.register(Instant::now(), &cluster, &body.node_id, body.addr, &mut rng)?;
+    let renewal = registry.contains(&cluster, &body.node_id);
+    let seeds = registry
+        .register(Instant::now(), &cluster, &body.node_id, body.addr, &mut rng)
+        .inspect_err(|e| {
+            st.refusals[refusal_reason(e)].fetch_add(1, Ordering::Relaxed);
+        })?;
+    if renewal {
+        &st.renewals
+    } else {
+        &st.registrations
+    }
+    .fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%cluster, node = %body.node_id, addr = %body.addr, "registered");
     Ok(Json(Registered {
         seeds,
@@ -219,6 +257,7 @@ async fn deregister(
     Ids((cluster, node)): Ids<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     if st.registry().deregister(&cluster, &node) {
+        st.deregistrations.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%cluster, %node, "deregistered");
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -269,6 +308,93 @@ async fn stats(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
         },
         "events": events,
     }))
+}
+
+/// Prometheus text exposition, written by hand: a few counters need no metrics library.
+async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    let (nodes, clusters, expired) = {
+        let r = st.registry();
+        (r.num_nodes(), r.num_clusters(), r.expired_total())
+    };
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    metric(
+        "socketioxide_mesh_discovery_nodes",
+        "gauge",
+        "Registered nodes, all clusters",
+        &[("", nodes as u64)],
+    );
+    metric(
+        "socketioxide_mesh_discovery_clusters",
+        "gauge",
+        "Clusters with registered nodes",
+        &[("", clusters as u64)],
+    );
+    metric(
+        "socketioxide_mesh_discovery_registrations_total",
+        "counter",
+        "Registrations accepted: new nodes and renewals",
+        &[
+            ("{kind=\"new\"}", l(&st.registrations)),
+            ("{kind=\"renewal\"}", l(&st.renewals)),
+        ],
+    );
+    metric(
+        "socketioxide_mesh_discovery_deregistrations_total",
+        "counter",
+        "Nodes that deregistered (left gracefully)",
+        &[("", l(&st.deregistrations))],
+    );
+    metric(
+        "socketioxide_mesh_discovery_expiries_total",
+        "counter",
+        "Entries dropped for not being renewed within the TTL",
+        &[("", expired)],
+    );
+    let refusals: Vec<(String, u64)> = REFUSAL_REASONS
+        .iter()
+        .zip(&st.refusals)
+        .map(|(r, v)| (format!("{{reason=\"{r}\"}}"), l(v)))
+        .collect();
+    let refusals: Vec<(&str, u64)> = refusals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    metric(
+        "socketioxide_mesh_discovery_refusals_total",
+        "counter",
+        "Registrations refused, by reason",
+        &refusals,
+    );
+    metric(
+        "socketioxide_mesh_discovery_open_connections",
+        "gauge",
+        "Open client connections",
+        &[("", st.stats.open_connections() as u64)],
+    );
+    let events: Vec<(String, u64)> = st
+        .stats
+        .counts()
+        .into_iter()
+        .map(|(cause, n)| (format!("{{cause=\"{}\"}}", cause.name()), n))
+        .collect();
+    let events: Vec<(&str, u64)> = events.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    metric(
+        "socketioxide_mesh_discovery_connection_events_total",
+        "counter",
+        "Connections refused or closed by the server, by cause",
+        &events,
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> (StatusCode, &'static str) {
@@ -358,6 +484,7 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/clusters", get(list_clusters))
         .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route(
             "/v1/clusters/{cluster}/nodes",
             get(list_nodes).post(register),
@@ -630,6 +757,53 @@ mod tests {
         assert_eq!(v["connections"]["open"], 0, "{v}");
         let (_, page) = call(&app, "GET", "/", None).await;
         assert!(page.contains("tls_refused 1"), "{page}");
+    }
+
+    #[tokio::test]
+    async fn metrics_count_registrations_renewals_refusals_and_expiries() {
+        let st = AppState::new(Registry::new(Duration::from_millis(1), Limits::default()));
+        let app = router(st.clone(), 1024);
+        let post = |body: &'static str| {
+            let app = app.clone();
+            async move {
+                call(&app, "POST", "/v1/clusters/chat/nodes", Some(body))
+                    .await
+                    .0
+            }
+        };
+        assert_eq!(
+            post(r#"{"node_id":"a","addr":"10.0.0.1:7800"}"#).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            post(r#"{"node_id":"a","addr":"10.0.0.1:7800"}"#).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            post(r#"{"node_id":"b","addr":"255.255.255.255:1"}"#).await,
+            StatusCode::BAD_REQUEST
+        );
+        let (s, text) = call(&app, "GET", "/metrics", None).await;
+        assert_eq!(s, StatusCode::OK);
+        for line in [
+            "socketioxide_mesh_discovery_nodes 1",
+            "socketioxide_mesh_discovery_registrations_total{kind=\"new\"} 1",
+            "socketioxide_mesh_discovery_registrations_total{kind=\"renewal\"} 1",
+            "socketioxide_mesh_discovery_refusals_total{reason=\"invalid_addr\"} 1",
+            "socketioxide_mesh_discovery_refusals_total{reason=\"too_many_nodes\"} 0",
+            "# TYPE socketioxide_mesh_discovery_expiries_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        // The TTL (1 ms) passes: the sweep drops the entry, and it is counted.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(st.expire(), 1);
+        let (_, text) = call(&app, "GET", "/metrics", None).await;
+        assert!(
+            text.lines()
+                .any(|l| l == "socketioxide_mesh_discovery_expiries_total 1"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

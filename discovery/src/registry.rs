@@ -72,6 +72,8 @@ pub struct Registry {
     limits: Limits,
     refuse_loopback: bool,
     clusters: HashMap<String, HashMap<String, Entry>>,
+    /// Entries dropped for not being renewed in time, since the start.
+    expired_total: u64,
 }
 
 /// Why other nodes could not dial `addr`, if they could not: port 0, or an unspecified,
@@ -118,6 +120,7 @@ impl Registry {
             limits,
             refuse_loopback: false,
             clusters: HashMap::new(),
+            expired_total: 0,
         }
     }
 
@@ -230,7 +233,26 @@ impl Registry {
             removed += before - nodes.len();
             !nodes.is_empty()
         });
+        self.expired_total += removed as u64;
         removed
+    }
+
+    /// Entries expired since the start (by [`expire`](Self::expire), on its own or inside a
+    /// registration).
+    pub fn expired_total(&self) -> u64 {
+        self.expired_total
+    }
+
+    /// Whether `node` of `cluster` is registered (live or not yet swept).
+    pub fn contains(&self, cluster: &str, node: &str) -> bool {
+        self.clusters
+            .get(cluster)
+            .is_some_and(|nodes| nodes.contains_key(node))
+    }
+
+    /// Clusters with at least one entry.
+    pub fn num_clusters(&self) -> usize {
+        self.clusters.len()
     }
 
     /// Total live entries (for metrics and the status page).
