@@ -398,6 +398,21 @@ impl<E: SocketEmitter> NsHandler for MeshAdapter<E> {
         opts.add_flag(BroadcastFlags::Broadcast);
         self.local.sockets(opts).len()
     }
+
+    fn local_rooms(&self) -> Vec<(String, usize)> {
+        let mut all = BroadcastOptions::default();
+        all.add_flag(BroadcastFlags::Broadcast);
+        self.local
+            .rooms(all)
+            .into_iter()
+            .map(|room| {
+                let mut opts = BroadcastOptions::default();
+                opts.add_flag(BroadcastFlags::Broadcast);
+                opts.rooms.push(room.clone());
+                (room.to_string(), self.local.sockets(opts).len())
+            })
+            .collect()
+    }
 }
 
 pin_project_lite::pin_project! {

@@ -97,6 +97,7 @@ mod requests;
 pub mod seed;
 mod telemetry;
 pub mod tls;
+pub mod topology;
 mod transport;
 mod wire;
 
@@ -114,6 +115,7 @@ pub use seed::StaticSeeds;
 pub use tls::TlsConfig;
 #[cfg(feature = "dev-ca")]
 pub use tls::{DevCa, NodeCert};
+pub use topology::Topology;
 pub use wire::PROTOCOL_VERSION;
 
 /// The README's code, compiled as a doctest so it stays true.

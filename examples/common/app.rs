@@ -260,6 +260,8 @@ pub async fn serve(
     let status_mesh = mesh.clone();
     let metrics_mesh = mesh.clone();
     let ready_mesh = mesh.clone();
+    let topology_mesh = mesh.clone();
+    let events_mesh = mesh.clone();
     let prometheus = prometheus();
     let app = Router::new()
         .route(
@@ -275,6 +277,39 @@ pub async fn serve(
         )
         .route("/", get(|| async { Html(PAGE) }))
         .route("/client.js", get(client_js))
+        .route(
+            "/topology",
+            get(|| async { Html(include_str!("topology.html")) }),
+        )
+        .route(
+            "/topology.json",
+            get(move || {
+                let t = topology_mesh.topology();
+                async move { Json(t) }
+            }),
+        )
+        // The picture, pushed once a second (server-sent events).
+        .route(
+            "/topology/events",
+            get(move || {
+                let mesh = events_mesh.clone();
+                async move {
+                    let ticks = tokio::time::interval(Duration::from_secs(1));
+                    let stream = futures_util::stream::unfold(ticks, move |mut ticks| {
+                        let mesh = mesh.clone();
+                        async move {
+                            ticks.tick().await;
+                            let event = axum::response::sse::Event::default()
+                                .json_data(mesh.topology())
+                                .map_err(|e| std::io::Error::other(e.to_string()));
+                            Some((event, ticks))
+                        }
+                    });
+                    axum::response::sse::Sse::new(stream)
+                        .keep_alive(axum::response::sse::KeepAlive::default())
+                }
+            }),
+        )
         // Liveness: the process serves HTTP.
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))

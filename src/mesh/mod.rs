@@ -55,6 +55,8 @@ pub(crate) trait NsHandler: Send + Sync + 'static {
     fn answer(&self, query: Query) -> Pin<Box<dyn Stream<Item = Reply> + Send>>;
     /// Number of local sockets (observability).
     fn num_sockets(&self) -> usize;
+    /// Its rooms on this node and their sockets (observability).
+    fn local_rooms(&self) -> Vec<(String, usize)>;
 }
 
 /// The local address of the interface with a route outwards (no packet is sent: connecting a
@@ -548,6 +550,71 @@ impl Mesh {
     /// ```
     pub fn record_metrics(&self) {
         self.shared.record_metrics(&self.stats());
+    }
+
+    /// The mesh as this node sees it, ready to serialize (see [`Topology`](crate::Topology)).
+    pub fn topology(&self) -> crate::Topology {
+        use crate::topology::{MAX_ROOMS, NamespaceView, PeerView, RoomView};
+        let shared = &self.shared;
+        let handlers: Vec<(String, Arc<dyn NsHandler>)> = shared
+            .namespaces
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(ns, h)| Some((ns.clone(), h.upgrade()?)))
+            .collect();
+        let mut namespaces: Vec<NamespaceView> = handlers
+            .into_iter()
+            .map(|(name, h)| {
+                let mut rooms: Vec<RoomView> = h
+                    .local_rooms()
+                    .into_iter()
+                    .map(|(name, sockets)| RoomView { name, sockets })
+                    .collect();
+                rooms.sort_by(|a, b| b.sockets.cmp(&a.sockets).then(a.name.cmp(&b.name)));
+                rooms.truncate(MAX_ROOMS);
+                NamespaceView {
+                    name,
+                    sockets: h.num_sockets(),
+                    rooms,
+                }
+            })
+            .collect();
+        namespaces.sort_by(|a, b| a.name.cmp(&b.name));
+        let links = shared.links();
+        let peers = self
+            .members()
+            .into_iter()
+            .map(|m| {
+                let link = links.get(&*m.node_id);
+                let conn = link.and_then(|l| l.state.borrow().conn.clone());
+                let (queued_commands, queued_bytes) = link.map(|l| l.depth()).unwrap_or((0, 0));
+                PeerView {
+                    node_id: m.node_id.to_string(),
+                    addr: m.addr.to_string(),
+                    namespaces: m.namespaces.clone(),
+                    sockets: m.sockets,
+                    link: if conn.is_some() {
+                        "connected"
+                    } else {
+                        "connecting"
+                    },
+                    rtt_ms: conn.and_then(|c| c.rtt()).map(|d| d.as_secs_f64() * 1e3),
+                    queued_commands,
+                    queued_bytes,
+                }
+            })
+            .collect();
+        drop(links);
+        crate::Topology {
+            node_id: self.node_id().to_string(),
+            addr: self.advertise_addr().to_string(),
+            transport: shared.settings.transport.as_str(),
+            ready: self.ready(),
+            namespaces,
+            peers,
+            stats: self.stats(),
+        }
     }
 
     /// Counters of what happened on this node.

@@ -184,6 +184,15 @@ impl Conn {
         dispatch!(self, c => c.remote_addr())
     }
 
+    /// The transport's round-trip time estimate, where it keeps one (QUIC).
+    pub(crate) fn rtt(&self) -> Option<std::time::Duration> {
+        match self {
+            Conn::Quic(c) => Some(c.rtt()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+
     /// Open a bidirectional stream.
     pub(crate) async fn open_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         dispatch!(self, c => c.open_bi().await)

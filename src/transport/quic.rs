@@ -385,6 +385,10 @@ impl QuicConn {
         self.conn.remote_address()
     }
 
+    pub(crate) fn rtt(&self) -> std::time::Duration {
+        self.conn.rtt()
+    }
+
     pub(crate) async fn open_bi(&self) -> Result<(SendStream, RecvStream), TransportError> {
         let (s, r) = self.conn.open_bi().await.map_err(|e| conn_error(&e))?;
         Ok((self.send_half(s), self.recv_half(r)))

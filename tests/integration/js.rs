@@ -82,6 +82,52 @@ async fn page_client_works_across_the_mesh(kind: TransportKind) -> anyhow::Resul
     Ok(())
 }
 
+/// The demo pages in headless Chromium (Debian's `chromium`, driven by npm's
+/// `puppeteer-core`), against three node processes: typed on one node's chat page, a message
+/// appears on another's; the live members line and the topology page show every node.
+/// `MESH_SCREENSHOT=path.png` saves the topology page (the README's picture).
+async fn demo_pages_work_in_a_browser(kind: TransportKind) -> anyhow::Result<()> {
+    logs();
+    let js = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    anyhow::ensure!(
+        std::path::Path::new(&chromium).exists() && js.join("node_modules/puppeteer-core").exists(),
+        "needs Chromium at {chromium} (Debian package `chromium`) and `npm ci --prefix tests/js`: .ci/run installs both"
+    );
+    let ca = socketioxide_mesh::DevCa::generate("browser CA")?;
+    let certs = TempDir::new("browser");
+    let nodes = spawn_cluster(kind, &ca, &certs.0, 3, &[("MESH_CLUSTER_ID", "browser")]).await?;
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.current_dir(&js)
+        .arg("browser.mjs")
+        .arg(format!("http://{}", nodes[0].http))
+        .arg(format!("http://{}", nodes[1].http));
+    if let Ok(path) = std::env::var("MESH_SCREENSHOT")
+        && kind == TransportKind::Quic
+    {
+        cmd.arg(path);
+    }
+    let out = tokio::time::timeout(WAIT * 6, cmd.output())
+        .await
+        .context("the browser test did not finish")?
+        .context("run node")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "the browser test failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "ok pages connected",
+        "ok chat across nodes",
+        "ok members line",
+        "ok topology",
+    ] {
+        assert!(stdout.contains(step), "{step} missing:\n{stdout}");
+    }
+    Ok(())
+}
+
 /// A minimal HTTP/1.1 GET (no client library needed for one JSON endpoint).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -111,5 +157,6 @@ async fn official_js_client_msgpack_parser(kind: TransportKind) -> anyhow::Resul
 both_transports!(
     official_js_client_json_parser,
     official_js_client_msgpack_parser,
-    page_client_works_across_the_mesh
+    page_client_works_across_the_mesh,
+    demo_pages_work_in_a_browser
 );

@@ -81,4 +81,65 @@ async fn metrics_follow_the_cluster(kind: TransportKind) -> anyhow::Result<()> {
     Ok(())
 }
 
-both_transports!(metrics_follow_the_cluster);
+/// `/topology.json` (the crate's `Mesh::topology()`) and the page's live feed
+/// (`/topology/events`, server-sent events) from node processes.
+async fn topology_shows_nodes_links_and_rooms(kind: TransportKind) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let ca = DevCa::generate("topology CA")?;
+    let certs = TempDir::new("topology");
+    let nodes = spawn_cluster(kind, &ca, &certs.0, 3, &[("MESH_CLUSTER_ID", "topology")]).await?;
+    let mut client = crate::client::Client::connect(nodes[0].http, &["/"]).await?;
+    client
+        .emit_with_ack("/", "join", vec![serde_json::json!("lobby")])
+        .await?;
+    let t: serde_json::Value =
+        serde_json::from_str(&http_get(nodes[0].http, "/topology.json").await?)?;
+    assert_eq!(t["transport"], kind.as_str(), "{t}");
+    assert_eq!(t["ready"], true, "{t}");
+    let peers = t["peers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(peers.len(), 2, "{t}");
+    for p in &peers {
+        assert_eq!(p["link"], "connected", "{t}");
+        assert_eq!(p["rtt_ms"].is_number(), kind == TransportKind::Quic, "{t}");
+    }
+    let root = t["namespaces"]
+        .as_array()
+        .and_then(|a| a.iter().find(|ns| ns["name"] == "/"))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no / namespace: {t}"))?;
+    assert_eq!(root["sockets"], 1, "{t}");
+    assert!(
+        root["rooms"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["name"] == "lobby" && r["sockets"] == 1)),
+        "{t}"
+    );
+    // The live feed: an event carrying the same picture.
+    let mut s = tokio::net::TcpStream::connect(nodes[1].http).await?;
+    s.write_all(b"GET /topology/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        .await?;
+    let mut lines = tokio::io::BufReader::new(s).lines();
+    let data = tokio::time::timeout(crate::common::WAIT, async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(json) = line.strip_prefix("data: ") {
+                return anyhow::Ok(json.to_string());
+            }
+        }
+        anyhow::bail!("the event stream ended")
+    })
+    .await??;
+    let pushed: serde_json::Value = serde_json::from_str(&data)?;
+    assert_eq!(
+        pushed["peers"].as_array().map(Vec::len),
+        Some(2),
+        "{pushed}"
+    );
+    let page = http_get(nodes[1].http, "/topology").await?;
+    assert!(page.contains("EventSource(\"/topology/events\")"), "{page}");
+    Ok(())
+}
+
+both_transports!(
+    metrics_follow_the_cluster,
+    topology_shows_nodes_links_and_rooms
+);
