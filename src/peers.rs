@@ -411,6 +411,11 @@ impl PeerTable {
         None
     }
 
+    /// Members declared dead lately (their addresses are not dialed for gossip).
+    pub(crate) fn dead_members(&self) -> usize {
+        self.dead.len()
+    }
+
     fn dials_in_progress(&self) -> usize {
         self.addrs.values().filter(|a| a.dialing).count()
     }

@@ -39,7 +39,11 @@ const REQUEST_DURATION: &str = "socketioxide_mesh_request_duration_seconds";
 
 /// Describe every metric (units, help texts) to the recorder; idempotent.
 pub(crate) fn describe() {
-    describe_gauge!(MEMBERS, "Live members of the mesh, not counting this node");
+    describe_gauge!(
+        MEMBERS,
+        "Members of the mesh, not counting this node, by state (live, dead: declared dead \
+         lately, kept by gossip for their grace period)"
+    );
     describe_gauge!(
         PEER_LINKS,
         "Links to peers by transport and state (connected, connecting)"
@@ -112,10 +116,12 @@ pub(crate) struct LinkView {
 pub(crate) fn publish(
     stats: &MeshStats,
     members: usize,
+    dead: usize,
     transport: &'static str,
     links: &[LinkView],
 ) {
-    gauge!(MEMBERS).set(members as f64);
+    gauge!(MEMBERS, "state" => "live").set(members as f64);
+    gauge!(MEMBERS, "state" => "dead").set(dead as f64);
     let connected = links.iter().filter(|l| l.connected).count();
     gauge!(PEER_LINKS, "transport" => transport, "state" => "connected").set(connected as f64);
     gauge!(PEER_LINKS, "transport" => transport, "state" => "connecting")

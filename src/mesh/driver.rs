@@ -174,6 +174,10 @@ impl Driver {
             }
             self.run_actions();
             self.update_ready();
+            self.shared
+                .stats
+                .dead_members_now
+                .store(self.table.dead_members() as u64, Ordering::Relaxed);
         }
         for entry in self.conns.values() {
             entry.conn.close(CloseCode::Leaving, "node shutting down");

@@ -141,6 +141,8 @@ pub(crate) struct Stats {
     pub command_bytes_received: AtomicU64,
     pub gossip_bytes_sent: AtomicU64,
     pub gossip_bytes_received: AtomicU64,
+    /// Members declared dead lately (a gauge, set by the driver).
+    pub dead_members_now: AtomicU64,
     pub batches_sent: AtomicU64,
     pub volatile_dropped: AtomicU64,
     pub slow_peer_cutoffs: AtomicU64,
@@ -798,7 +800,14 @@ impl Shared {
             })
             .collect();
         let members = self.members_tx.borrow().len();
-        telemetry::publish(stats, members, self.settings.transport.as_str(), &links);
+        let dead = self.stats.dead_members_now.load(Ordering::Relaxed) as usize;
+        telemetry::publish(
+            stats,
+            members,
+            dead,
+            self.settings.transport.as_str(),
+            &links,
+        );
     }
 
     pub(crate) fn links(&self) -> std::sync::RwLockReadGuard<'_, HashMap<NodeId, Arc<Link>>> {

@@ -25,7 +25,7 @@ async fn metrics_follow_the_cluster(kind: TransportKind) -> anyhow::Result<()> {
     let before = metrics_of(&nodes[1]).await?;
     let t = kind.as_str();
     assert_eq!(
-        sample(&before, "socketioxide_mesh_members"),
+        sample(&before, "socketioxide_mesh_members{state=\"live\"}"),
         Some(2.0),
         "{before}"
     );
