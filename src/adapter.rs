@@ -80,7 +80,12 @@ impl<E: SocketEmitter> MeshAdapter<E> {
             return Ok(());
         }
         let frame = shared.encode_frame(cmd)?;
-        shared.send_command(links, frame, opts.has_flag(BroadcastFlags::Volatile));
+        shared.send_command(
+            crate::mesh::kind_of_ref(cmd),
+            links,
+            frame,
+            opts.has_flag(BroadcastFlags::Volatile),
+        );
         Ok(())
     }
 

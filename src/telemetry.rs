@@ -25,6 +25,8 @@ const PEER_QUEUE_COMMANDS: &str = "socketioxide_mesh_peer_queue_commands";
 const PEER_QUEUE_BYTES: &str = "socketioxide_mesh_peer_queue_bytes";
 const COMMANDS_SENT: &str = "socketioxide_mesh_commands_sent_total";
 const COMMANDS_RECEIVED: &str = "socketioxide_mesh_commands_received_total";
+const COMMANDS_QUEUED: &str = "socketioxide_mesh_commands_queued_total";
+const COMMANDS_APPLIED: &str = "socketioxide_mesh_commands_applied_total";
 const BYTES_SENT: &str = "socketioxide_mesh_sent_bytes_total";
 const BYTES_RECEIVED: &str = "socketioxide_mesh_received_bytes_total";
 const BATCHES: &str = "socketioxide_mesh_batches_sent_total";
@@ -132,6 +134,12 @@ pub(crate) fn publish(
     }
     counter!(COMMANDS_SENT).absolute(stats.commands_sent);
     counter!(COMMANDS_RECEIVED).absolute(stats.commands_received);
+    for (kind, v) in &stats.commands_queued_by_kind {
+        counter!(COMMANDS_QUEUED, "kind" => kind.clone()).absolute(*v);
+    }
+    for (kind, v) in &stats.commands_applied_by_kind {
+        counter!(COMMANDS_APPLIED, "kind" => kind.clone()).absolute(*v);
+    }
     counter!(BYTES_SENT, "kind" => "commands").absolute(stats.command_bytes_sent);
     counter!(BYTES_SENT, "kind" => "gossip").absolute(stats.gossip_bytes_sent);
     counter!(BYTES_RECEIVED, "kind" => "commands").absolute(stats.command_bytes_received);

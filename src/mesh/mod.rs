@@ -76,6 +76,30 @@ fn outward_ip(like: std::net::IpAddr) -> Option<std::net::IpAddr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
+/// Command kinds, as the `kind` label of the command counters.
+pub(crate) const COMMAND_KINDS: [&str; 5] =
+    ["broadcast", "join", "leave", "disconnect", "server_event"];
+
+pub(crate) fn kind_of_ref(cmd: &CommandRef<'_>) -> usize {
+    match cmd {
+        CommandRef::Broadcast { .. } => 0,
+        CommandRef::AddSockets { .. } => 1,
+        CommandRef::DelSockets { .. } => 2,
+        CommandRef::DisconnectSockets { .. } => 3,
+        CommandRef::ServerEvent { .. } => 4,
+    }
+}
+
+fn kind_of(cmd: &Command) -> usize {
+    match cmd {
+        Command::Broadcast { .. } => 0,
+        Command::AddSockets { .. } => 1,
+        Command::DelSockets { .. } => 2,
+        Command::DisconnectSockets { .. } => 3,
+        Command::ServerEvent { .. } => 4,
+    }
+}
+
 /// Which sequence a [`Retired`] entry is.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Side {
@@ -143,6 +167,9 @@ pub(crate) struct Stats {
     pub gossip_bytes_received: AtomicU64,
     /// Members declared dead lately (a gauge, set by the driver).
     pub dead_members_now: AtomicU64,
+    /// Commands queued to peers and applied from peers, by kind ([`COMMAND_KINDS`]).
+    pub queued_by_kind: [AtomicU64; COMMAND_KINDS.len()],
+    pub applied_by_kind: [AtomicU64; COMMAND_KINDS.len()],
     pub batches_sent: AtomicU64,
     pub volatile_dropped: AtomicU64,
     pub slow_peer_cutoffs: AtomicU64,
@@ -172,6 +199,11 @@ pub struct MeshStats {
     /// back). Counted exactly, from the gap in the peer's sequence numbers when its next
     /// command stream starts.
     pub commands_missed: u64,
+    /// Commands queued to peers, by kind (`broadcast`, `join`, `leave`, `disconnect`,
+    /// `server_event`): one per peer it goes to.
+    pub commands_queued_by_kind: std::collections::BTreeMap<String, u64>,
+    /// Commands received from peers and applied, by kind.
+    pub commands_applied_by_kind: std::collections::BTreeMap<String, u64>,
     /// Bytes of the commands sent to peers (frames, before transport overhead).
     pub command_bytes_sent: u64,
     /// Bytes of the commands received from peers.
@@ -661,7 +693,8 @@ impl Mesh {
         };
         let frame = self.shared.encode_frame(&cmd)?;
         let routes = self.shared.routes.load();
-        self.shared.send_command(routes.links(), frame, false);
+        self.shared
+            .send_command(kind_of_ref(&cmd), routes.links(), frame, false);
         Ok(())
     }
 
@@ -761,6 +794,16 @@ impl Shared {
             commands_received: l(&s.commands_received),
             commands_lost: l(&s.commands_lost),
             commands_missed: l(&s.commands_missed),
+            commands_queued_by_kind: COMMAND_KINDS
+                .iter()
+                .zip(&s.queued_by_kind)
+                .map(|(k, v)| (k.to_string(), l(v)))
+                .collect(),
+            commands_applied_by_kind: COMMAND_KINDS
+                .iter()
+                .zip(&s.applied_by_kind)
+                .map(|(k, v)| (k.to_string(), l(v)))
+                .collect(),
             command_bytes_sent: l(&s.command_bytes_sent),
             command_bytes_received: l(&s.command_bytes_received),
             gossip_bytes_sent: l(&s.gossip_bytes_sent),
@@ -829,10 +872,18 @@ impl Shared {
 
     /// Queue a command to each link, in order. Never waits: a full queue drops a volatile
     /// message or cuts the slow peer off.
-    pub(crate) fn send_command(&self, links: &[Arc<Link>], frame: Bytes, volatile: bool) {
+    pub(crate) fn send_command(
+        &self,
+        kind: usize,
+        links: &[Arc<Link>],
+        frame: Bytes,
+        volatile: bool,
+    ) {
         for link in links {
             match link.enqueue(frame.clone(), volatile) {
-                Ok(()) => {}
+                Ok(()) => {
+                    self.stats.queued_by_kind[kind].fetch_add(1, Ordering::Relaxed);
+                }
                 Err(EnqueueError::Full) if volatile => {
                     self.stats.volatile_dropped.fetch_add(1, Ordering::Relaxed);
                     self.transport.incidents().note_loss(
@@ -957,6 +1008,7 @@ impl Shared {
 
     /// Apply a command received from `from`.
     pub(crate) fn apply(&self, from: Uid, cmd: Command) {
+        self.stats.applied_by_kind[kind_of(&cmd)].fetch_add(1, Ordering::Relaxed);
         match cmd {
             Command::ServerEvent { event, data } => {
                 let handler = self

@@ -63,6 +63,15 @@ async fn metrics_follow_the_cluster(kind: TransportKind) -> anyhow::Result<()> {
         "{after0}"
     );
     assert!(received(&after1) > received(&before), "{after1}");
+    assert!(
+        sample(
+            &after1,
+            "socketioxide_mesh_commands_applied_total{kind=\"broadcast\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{after1}"
+    );
     // Gossip flowed to form the cluster.
     assert!(gossip(&before) > 0.0, "{before}");
     assert!(
