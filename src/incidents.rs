@@ -62,10 +62,12 @@ pub(crate) enum Incident {
     CommandsDropped,
     /// Volatile broadcasts not queued to a peer that fell behind.
     VolatileShed,
+    /// Server events dropped: the handler did not keep up with a peer.
+    ServerEventsDropped,
 }
 
 impl Incident {
-    const ALL: [Incident; 13] = [
+    const ALL: [Incident; 14] = [
         Incident::RefusedCertificate,
         Incident::CertificateRejected,
         Incident::NotAPeer,
@@ -79,6 +81,7 @@ impl Incident {
         Incident::CommandsMissed,
         Incident::CommandsDropped,
         Incident::VolatileShed,
+        Incident::ServerEventsDropped,
     ];
 
     /// The log message: says which side refused.
@@ -102,6 +105,9 @@ impl Incident {
             }
             Incident::CommandsDropped => "commands to a peer dropped: it was cut off or is gone",
             Incident::VolatileShed => "volatile broadcasts dropped: a peer fell behind",
+            Incident::ServerEventsDropped => {
+                "server events dropped: the server event handler does not keep up"
+            }
         }
     }
 }

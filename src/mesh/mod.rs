@@ -100,6 +100,9 @@ fn kind_of(cmd: &Command) -> usize {
     }
 }
 
+/// Server events queued per sending peer for the handler, at most.
+pub(crate) const SERVER_EVENT_QUEUE: usize = 1024;
+
 /// Which sequence a [`Retired`] entry is.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Side {
@@ -177,6 +180,9 @@ pub(crate) struct Stats {
     pub protocol_errors: AtomicU64,
     pub dials_failed: AtomicU64,
     pub requests: AtomicU64,
+    /// Per-peer asks of requests in progress (a gauge).
+    pub asks_in_flight: AtomicU64,
+    pub server_events_dropped: AtomicU64,
     pub request_peer_failures: AtomicU64,
     pub queries_answered: AtomicU64,
     pub queries_refused: AtomicU64,
@@ -245,6 +251,12 @@ pub struct MeshStats {
     pub incidents: crate::IncidentCounts,
     /// Requests sent (fetch_sockets, rooms, broadcast with ack, server events with ack).
     pub requests: u64,
+    /// Questions to peers in progress now (one per peer and request): a dropped request stops
+    /// its questions at once.
+    pub requests_in_flight: u64,
+    /// Server events from peers dropped because the handler did not keep up (more than 1024
+    /// queued from one peer).
+    pub server_events_dropped: u64,
     /// Peers that failed to answer a request (died, disconnected, timed out).
     pub request_peer_failures: u64,
     /// Requests from peers answered.
@@ -327,6 +339,9 @@ pub(crate) struct Shared {
     /// Sequence numbers of forgotten nodes, for when they come back.
     pub retired: Mutex<Retired>,
     pub server_handler: RwLock<Option<ServerEventHandler>>,
+    /// Per sending peer, the queue of its server events for the handler (see
+    /// [`Shared::deliver_server_event`]).
+    pub server_events: Mutex<HashMap<String, mpsc::Sender<ServerEvent>>>,
     pub members_tx: watch::Sender<Arc<Vec<Member>>>,
     /// See [`Mesh::watch_ready`].
     pub ready_tx: watch::Sender<bool>,
@@ -475,6 +490,7 @@ impl Mesh {
             namespaces: RwLock::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
             retired: Mutex::new(Retired::default()),
+            server_events: Mutex::new(HashMap::new()),
             server_handler: RwLock::new(None),
             members_tx,
             ready_tx: watch::channel(false).0,
@@ -657,7 +673,9 @@ impl Mesh {
     }
 
     /// Set the handler of server-side events emitted by other nodes (replaces any previous
-    /// one). Socket.IO's `serverSideEmit`: messages between servers, not to clients.
+    /// one). Socket.IO's `serverSideEmit`: messages between servers, not to clients. The
+    /// handler runs on tokio's blocking pool, one event at a time per sending node (in the
+    /// order it sent them), so even a blocking handler never holds up that node's broadcasts.
     ///
     /// ```no_run
     /// # fn f(mesh: socketioxide_mesh::Mesh) {
@@ -821,6 +839,8 @@ impl Shared {
             dials_failed: l(&s.dials_failed),
             incidents: self.transport.incidents().counts(),
             requests: l(&s.requests),
+            requests_in_flight: l(&s.asks_in_flight),
+            server_events_dropped: l(&s.server_events_dropped),
             request_peer_failures: l(&s.request_peer_failures),
             queries_answered: l(&s.queries_answered),
             queries_refused: l(&s.queries_refused),
@@ -987,9 +1007,76 @@ impl Shared {
         applied
     }
 
+    /// Hand a peer's server event to the handler without holding up that peer's ordered
+    /// command stream: each sender gets a queue and a task that runs the handler on tokio's
+    /// blocking pool, one event after the other (per-sender order kept; a slow or blocking
+    /// handler delays only that sender's later server events). Bounded: an event that finds
+    /// its sender's queue full ([`SERVER_EVENT_QUEUE`]) is dropped and counted.
+    fn deliver_server_event(self: &Arc<Self>, ev: ServerEvent) {
+        if self
+            .server_handler
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return;
+        }
+        let from = ev.from;
+        let tx = {
+            let mut queues = self.server_events.lock().unwrap_or_else(|e| e.into_inner());
+            queues
+                .entry(from.to_string())
+                .or_insert_with(|| {
+                    let (tx, mut rx) = mpsc::channel::<ServerEvent>(SERVER_EVENT_QUEUE);
+                    let (shared, cancel) = (Arc::downgrade(self), self.cancel.clone());
+                    self.tasks.spawn(async move {
+                        loop {
+                            let ev = tokio::select! {
+                                ev = rx.recv() => match ev {
+                                    Some(ev) => ev,
+                                    None => return,
+                                },
+                                _ = cancel.cancelled() => return,
+                            };
+                            // The handler of the moment (it may be replaced at any time).
+                            let Some(h) = shared.upgrade().and_then(|s| {
+                                s.server_handler
+                                    .read()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .clone()
+                            }) else {
+                                return;
+                            };
+                            if tokio::task::spawn_blocking(move || h(ev)).await.is_err() {
+                                warn!(peer = %from, "the server event handler panicked");
+                            }
+                        }
+                    });
+                    tx
+                })
+                .clone()
+        };
+        if tx.try_send(ev).is_err() {
+            self.stats
+                .server_events_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            self.transport.incidents().note_loss(
+                Incident::ServerEventsDropped,
+                None,
+                1,
+                &format_args!("peer {from}: the handler does not keep up"),
+            );
+        }
+    }
+
     /// The node is forgotten (dead or gone): keep where its sequences stopped, in both
     /// directions, for when it comes back.
     pub(crate) fn retire(&self, node: &NodeId, sent: Option<u64>) {
+        // Its server events still queued are handled, then the queue's task ends.
+        self.server_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(node.as_str());
         let applied = self
             .inbound
             .lock()
@@ -1007,24 +1094,15 @@ impl Shared {
     }
 
     /// Apply a command received from `from`.
-    pub(crate) fn apply(&self, from: Uid, cmd: Command) {
+    pub(crate) fn apply(self: &Arc<Self>, from: Uid, cmd: Command) {
         self.stats.applied_by_kind[kind_of(&cmd)].fetch_add(1, Ordering::Relaxed);
         match cmd {
-            Command::ServerEvent { event, data } => {
-                let handler = self
-                    .server_handler
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if let Some(handler) = handler {
-                    handler(ServerEvent {
-                        from,
-                        event,
-                        data: data.0,
-                        ack: None,
-                    });
-                }
-            }
+            Command::ServerEvent { event, data } => self.deliver_server_event(ServerEvent {
+                from,
+                event,
+                data: data.0,
+                ack: None,
+            }),
             cmd => {
                 let Some(ns) = cmd.ns() else { return };
                 match self.ns_handler(ns) {

@@ -67,6 +67,10 @@ pub(crate) struct Outgoing {
     gather: Gather,
     uids: HashMap<NodeId, Uid>,
     shared: Arc<Shared>,
+    /// The per-peer asks: aborted when the request is dropped, so a request nobody waits for
+    /// stops at once (its streams close) instead of running to its deadline, and
+    /// `max_in_flight_requests` bounds the work actually in progress.
+    asks: Vec<tokio::task::AbortHandle>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -93,6 +97,7 @@ impl Shared {
             gather: Gather::new(targets.iter().map(|l| l.node)),
             uids: targets.iter().map(|l| (l.node, l.node_uid)).collect(),
             shared: self.clone(),
+            asks: Vec::with_capacity(targets.len()),
             _permit: None,
         };
         if targets.is_empty() {
@@ -111,7 +116,10 @@ impl Shared {
         for link in targets {
             let (link, frame, tx) = (link.clone(), frame.clone(), tx.clone());
             let node = link.node;
-            self.tasks.spawn(async move {
+            let stats = self.stats.clone();
+            let handle = self.tasks.spawn(async move {
+                stats.asks_in_flight.fetch_add(1, Ordering::Relaxed);
+                let _done = InFlight(&stats.asks_in_flight);
                 let res = tokio::time::timeout_at(deadline, ask(&link, frame, mode, &tx)).await;
                 let ev = match res {
                     Ok(Ok(())) => PeerEvent::Done(node),
@@ -121,6 +129,7 @@ impl Shared {
                 // The requester may have stopped listening; nothing to do then.
                 let _ = tx.send(ev).await;
             });
+            out.asks.push(handle.abort_handle());
         }
         Ok(out)
     }
@@ -236,8 +245,20 @@ impl Outgoing {
     }
 }
 
+/// Counts an ask in flight until it ends, however it ends (aborted included).
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Drop for Outgoing {
     fn drop(&mut self) {
+        for ask in &self.asks {
+            ask.abort();
+        }
         let outcome = if !self.gather.is_complete() {
             "abandoned"
         } else if self.timed_out {

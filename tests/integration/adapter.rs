@@ -399,7 +399,46 @@ async fn server_side_events_reach_every_other_node_with_acks(
     Ok(())
 }
 
+/// A server event handler that blocks does not hold up the sender's broadcasts (they share
+/// the sender's ordered stream), and server events from one sender keep their order.
+async fn a_blocking_server_event_handler_does_not_stall_broadcasts(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    let c = Cluster::start(kind, 2).await?;
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    c.nodes[1].mesh.on_server_event(move |ev| {
+        // The first event blocks until the test says so.
+        if ev.event == "slow" {
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(std::time::Duration::from_secs(30));
+        }
+        let _ = seen_tx.send(ev.event.clone());
+    });
+    let mut client = c.nodes[1].client(&["/"]).await?;
+    c.nodes[0].mesh.server_side_emit("slow", "").await?;
+    c.nodes[0].mesh.server_side_emit("after", "").await?;
+    c.nodes[0].io.emit("news", &"on time").await.sio()?;
+    // The broadcast arrives while the handler is still blocked on the first event.
+    let p = client.event("/", "news").await?;
+    assert_eq!(p.args(), vec![serde_json::json!("on time")]);
+    assert!(
+        seen_rx.try_recv().is_err(),
+        "the handler cannot have finished"
+    );
+    release_tx.send(())?;
+    for want in ["slow", "after"] {
+        let got = tokio::time::timeout(WAIT, seen_rx.recv()).await?;
+        assert_eq!(got.as_deref(), Some(want), "server events keep their order");
+    }
+    Ok(())
+}
+
 both_transports!(
+    a_blocking_server_event_handler_does_not_stall_broadcasts,
     broadcast_to_rooms_except_local_and_volatile,
     binary_payloads_cross_nodes_intact,
     broadcast_with_ack_collects_every_node_and_ends_by_count,

@@ -100,7 +100,7 @@ async fn with_frozen_peer(
     certs: &TempDir,
     tune: impl Fn(MeshConfig) -> MeshConfig,
 ) -> anyhow::Result<(Cluster, ProcNode, Client)> {
-    let c = Cluster::start_with(kind, 2, |cfg| tune(cfg).with_phi_threshold(40.0)).await?;
+    let c = Cluster::start_with(kind, 2, |cfg| tune(cfg.with_phi_threshold(40.0))).await?;
     let frozen = c.join_process(certs, &[]).await?;
     let healthy = c.nodes[1].client(&["/"]).await?;
     frozen.signal("STOP").await?;
@@ -304,7 +304,56 @@ async fn a_node_declared_dead_then_back_counts_what_it_missed(
     Ok(())
 }
 
+/// Requests nobody waits for any more stop at once: 1000 `fetch_sockets` stuck on a frozen
+/// peer (which the failure detector is too patient to declare dead), dropped, free their
+/// questions to it immediately instead of at the request timeout.
+async fn dropped_requests_stop_at_once(kind: TransportKind) -> anyhow::Result<()> {
+    let certs = TempDir::new("dropped");
+    // Never declared dead during the test: only dropping the requests can end their questions.
+    let (c, mut frozen, _healthy) = with_frozen_peer(kind, &certs, |cfg| {
+        cfg.with_request_timeout(REQUEST_TIMEOUT)
+            .with_phi_threshold(1e6)
+            .with_keep_alive(Duration::from_secs(1), REQUEST_TIMEOUT)
+    })
+    .await?;
+    let stuck: Vec<_> = (0..1000)
+        .map(|_| {
+            let io = c.nodes[0].io.clone();
+            tokio::spawn(async move { io.fetch_sockets().await.map(|s| s.len()).ok() })
+        })
+        .collect();
+    // Every request is sent and waits for the frozen peer (node 1 answers at once).
+    let deadline = Instant::now() + WAIT;
+    while {
+        let s = c.nodes[0].mesh.stats();
+        s.requests < 1000 || s.requests_in_flight < 1000
+    } {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} questions in flight",
+            c.nodes[0].mesh.stats().requests_in_flight
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for task in &stuck {
+        task.abort();
+    }
+    let dropped = Instant::now();
+    while c.nodes[0].mesh.stats().requests_in_flight > 0 {
+        anyhow::ensure!(
+            dropped.elapsed() < Duration::from_secs(2),
+            "{} questions still in flight {:?} after their requests were dropped",
+            c.nodes[0].mesh.stats().requests_in_flight,
+            dropped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    frozen.child.kill().await?;
+    Ok(())
+}
+
 both_transports!(
+    dropped_requests_stop_at_once,
     a_node_declared_dead_then_back_counts_what_it_missed,
     a_dead_member_is_not_dialed_again,
     killed_node_ends_inflight_requests_early,
