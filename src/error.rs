@@ -141,6 +141,7 @@ pub enum PeerError {
 
 /// The error of mesh operations, bridged into socketioxide's [`AdapterError`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The configuration was refused.
     #[error("configuration: {0}")]
@@ -161,20 +162,16 @@ pub enum Error {
     /// The mesh was shut down.
     #[error("the mesh is shut down")]
     Closed,
-    /// A request could not be sent or answered by a peer.
-    #[error("peer {node}: {source}")]
-    Peer {
-        /// The peer node id.
-        node: String,
-        /// What happened.
-        source: PeerError,
-    },
     /// A value could not be encoded for the wire.
     #[error("encode: {0}")]
     Encode(String),
-    /// A namespace was registered twice on the same mesh by two different Socket.IO servers.
-    #[error("namespace {0} is already served by another SocketIo instance on this mesh")]
-    NamespaceTaken(String),
+    /// A value received from a peer could not be decoded into the type asked for.
+    #[error("decode: {0}")]
+    Decode(String),
+    /// Too many requests are in flight (`max_in_flight_requests`) and none finished within
+    /// the request timeout: back-pressure, try again later.
+    #[error("busy: {0}")]
+    Busy(String),
     /// The mesh serves another socketioxide server already (one `SocketIo` per `Mesh`).
     #[error("this mesh is bound to another SocketIo instance (server id {0})")]
     OtherServer(String),

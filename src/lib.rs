@@ -87,6 +87,7 @@
 compile_error!("socketioxide-mesh's tests need the `dev-ca` feature (on by default)");
 
 pub mod adapter;
+mod backoff;
 mod config;
 mod error;
 mod incidents;

@@ -16,14 +16,14 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use chitchat::{
-    Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, ChitchatMessage, FailureDetectorConfig,
-    NodeState, Serializable,
+    Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, ChitchatMessage, Deserializable,
+    FailureDetectorConfig, NodeState, Serializable,
     transport::{Socket, Transport},
 };
 use socketioxide_core::Uid;
 use tokio::sync::{Mutex as AsyncMutex, mpsc, watch};
 
-use crate::{Error, MeshConfig, wire::PROTOCOL_VERSION};
+use crate::{Error, wire::PROTOCOL_VERSION};
 
 /// Gossip state keys.
 pub(crate) mod keys {
@@ -66,14 +66,73 @@ pub(crate) struct Membership {
     handle: ChitchatHandle,
     chitchat: Arc<AsyncMutex<Chitchat>>,
     self_id: ChitchatId,
+    transport: &'static str,
 }
 
 /// The channels between chitchat and the peer connections.
+/// What membership needs from the configuration (built by the mesh: imports run downward).
+#[derive(Debug, Clone)]
+pub(crate) struct MembershipSettings {
+    pub cluster_id: String,
+    pub gossip_interval: Duration,
+    pub phi_threshold: f64,
+    pub dead_node_grace_period: Duration,
+    /// `quic` or `ws`: members of the other kind are not ours.
+    pub transport: &'static str,
+}
+
+/// A gossip message received from a peer, decoded (chitchat's type stays in this module).
+pub(crate) struct GossipMessage(ChitchatMessage);
+
+impl GossipMessage {
+    /// Decode a gossip frame; the error says why it is not one.
+    pub(crate) fn decode(frame: &[u8]) -> Result<Self, String> {
+        let mut buf = frame;
+        ChitchatMessage::deserialize(&mut buf)
+            .map(GossipMessage)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The live members, as gossip sees them (chitchat's types stay in this module).
+pub(crate) struct LiveWatch {
+    rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    self_id: ChitchatId,
+    transport: &'static str,
+}
+
+/// One reading of [`LiveWatch`].
+pub(crate) struct LiveView {
+    /// The members this node can talk to (same protocol version and transport), not itself.
+    pub members: Vec<Member>,
+    /// Every node gossip lists as live, whatever it speaks.
+    pub listed: Vec<Uid>,
+}
+
+impl LiveWatch {
+    /// Wait for a change; `Err` once membership stopped.
+    pub(crate) async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        self.rx.changed().await
+    }
+
+    /// The members now.
+    pub(crate) fn view(&mut self) -> LiveView {
+        let live = self.rx.borrow_and_update();
+        LiveView {
+            members: parse_members(&live, &self.self_id, self.transport),
+            listed: live
+                .keys()
+                .filter_map(|id| Uid::from_str(&id.node_id).ok())
+                .collect(),
+        }
+    }
+}
+
 pub(crate) struct GossipPipes {
     /// Messages chitchat wants sent: (advertised address, encoded message).
     pub out_rx: mpsc::Receiver<(SocketAddr, Bytes)>,
     /// Messages received from peers: (their advertised address, message).
-    pub in_tx: mpsc::Sender<(SocketAddr, ChitchatMessage)>,
+    pub in_tx: mpsc::Sender<(SocketAddr, GossipMessage)>,
 }
 
 struct GossipTransport {
@@ -82,7 +141,7 @@ struct GossipTransport {
 
 struct GossipSocket {
     out_tx: mpsc::Sender<(SocketAddr, Bytes)>,
-    in_rx: mpsc::Receiver<(SocketAddr, ChitchatMessage)>,
+    in_rx: mpsc::Receiver<(SocketAddr, GossipMessage)>,
 }
 
 #[async_trait]
@@ -113,13 +172,14 @@ impl Socket for GossipSocket {
         self.in_rx
             .recv()
             .await
+            .map(|(addr, msg)| (addr, msg.0))
             .ok_or_else(|| anyhow::anyhow!("gossip inbox closed"))
     }
 }
 
 impl Membership {
     pub(crate) async fn start(
-        cfg: &MeshConfig,
+        cfg: &MembershipSettings,
         node_id: Uid,
         advertise_addr: SocketAddr,
     ) -> Result<(Self, GossipPipes), Error> {
@@ -158,10 +218,7 @@ impl Membership {
         };
         let initial = vec![
             (keys::VERSION.to_string(), PROTOCOL_VERSION.to_string()),
-            (
-                keys::TRANSPORT.to_string(),
-                cfg.transport.as_str().to_string(),
-            ),
+            (keys::TRANSPORT.to_string(), cfg.transport.to_string()),
         ];
         let handle = chitchat::spawn_chitchat(config, initial, &transport)
             .await
@@ -172,13 +229,18 @@ impl Membership {
                 handle,
                 chitchat,
                 self_id,
+                transport: cfg.transport,
             },
             GossipPipes { out_rx, in_tx },
         ))
     }
 
-    pub(crate) async fn live_watcher(&self) -> watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
-        self.chitchat.lock().await.live_nodes_watcher()
+    pub(crate) async fn live_watcher(&self) -> LiveWatch {
+        LiveWatch {
+            rx: self.chitchat.lock().await.live_nodes_watcher(),
+            self_id: self.self_id.clone(),
+            transport: self.transport,
+        }
     }
 
     pub(crate) async fn set(&self, key: &str, value: &str) {
@@ -207,14 +269,10 @@ impl Membership {
             tracing::debug!(error = %e, "gossip server ended with an error");
         }
     }
-
-    pub(crate) fn self_id(&self) -> &ChitchatId {
-        &self.self_id
-    }
 }
 
 /// Parse the live map into members, skipping ourselves and nodes we cannot talk to.
-pub(crate) fn parse_members(
+fn parse_members(
     live: &BTreeMap<ChitchatId, NodeState>,
     self_id: &ChitchatId,
     transport: &str,

@@ -10,6 +10,7 @@
 //! gossip until the canonical one exists, then are closed. The lower node therefore dials every
 //! live higher member; a higher node reaches a lower one by gossip, which makes it dial back.
 
+pub(crate) use crate::backoff::Backoff;
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
@@ -21,7 +22,7 @@ use socketioxide_core::Sid;
 /// A node id, as used in tables (the `Sid` inside a socketioxide `Uid`).
 pub(crate) type NodeId = Sid;
 
-use crate::transport::CloseCode;
+use crate::wire::CloseCode;
 
 /// A connection id, unique in the process (given by the transport).
 pub(crate) type ConnId = u64;
@@ -39,23 +40,6 @@ pub(crate) enum Action {
     Forget { node: NodeId },
     /// `addr` belonged to a member declared dead (or gone): gossip no longer dials it.
     StopDialing { addr: SocketAddr },
-}
-
-/// Exponential backoff with ±25% jitter.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Backoff {
-    pub min: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The delay after `failures` consecutive failures (1 = first failure); `jitter` in [0, 1).
-    pub(crate) fn delay(&self, failures: u32, jitter: f64) -> Duration {
-        let exp = failures.saturating_sub(1).min(20);
-        let base = self.min.saturating_mul(1u32 << exp).min(self.max);
-        let factor = 0.75 + 0.5 * jitter.clamp(0.0, 1.0);
-        base.mul_f64(factor)
-    }
 }
 
 #[derive(Debug)]

@@ -477,6 +477,38 @@ pub(crate) fn check_hello(ours: &Hello, theirs: &Hello) -> Result<(), PeerError>
     Ok(())
 }
 
+/// Application close codes, sent with a connection close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum CloseCode {
+    /// The node shuts down gracefully.
+    Leaving = 0,
+    /// The peer broke the protocol (malformed or oversize frame...).
+    Protocol = 1,
+    /// The handshake was refused.
+    Refused = 2,
+    /// The peer did not keep up with its command queue.
+    SlowPeer = 3,
+    /// A newer connection to the same peer replaced this one.
+    Replaced = 4,
+    /// Membership declared the peer dead.
+    PeerDead = 5,
+}
+
+impl CloseCode {
+    pub(crate) fn from_u32(code: u32) -> Option<Self> {
+        Some(match code {
+            0 => Self::Leaving,
+            1 => Self::Protocol,
+            2 => Self::Refused,
+            3 => Self::SlowPeer,
+            4 => Self::Replaced,
+            5 => Self::PeerDead,
+            _ => return None,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use chitchat::Deserializable;
 use futures_util::StreamExt;
 use tokio::{
     sync::{Semaphore, mpsc},
@@ -282,7 +281,7 @@ async fn read_uni_inner(
                     .stats
                     .gossip_bytes_received
                     .fetch_add(frame.len() as u64, Ordering::Relaxed);
-                let msg = chitchat::ChitchatMessage::deserialize(&mut &frame[..])
+                let msg = crate::membership::GossipMessage::decode(&frame)
                     .map_err(|e| PeerError::Malformed(format!("gossip message: {e}")))?;
                 if shared
                     .gossip_in

@@ -21,7 +21,7 @@ use super::{Routes, Shared, Side, conn, link::Link};
 use crate::incidents::{Incident, SUMMARY_EVERY};
 use crate::{
     MeshConfig,
-    membership::{Member, keys, parse_members},
+    membership::{Member, keys},
     peers::{Action, Backoff, ConnId, NodeId, PeerTable},
     transport::{CloseCode, Conn, TransportError},
     wire::Hello,
@@ -144,9 +144,7 @@ impl Driver {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<Event>,
-        mut live: tokio::sync::watch::Receiver<
-            std::collections::BTreeMap<chitchat::ChitchatId, chitchat::NodeState>,
-        >,
+        mut live: crate::membership::LiveWatch,
         mut gossip_out: mpsc::Receiver<(SocketAddr, Bytes)>,
         mut seeds: mpsc::Receiver<SeedRound>,
     ) {
@@ -165,8 +163,8 @@ impl Driver {
                     if changed.is_err() {
                         break;
                     }
-                    let map = live.borrow_and_update().clone();
-                    self.on_members(&map);
+                    let view = live.view();
+                    self.on_members(view);
                 }
                 Some((addr, frame)) = gossip_out.recv() => self.on_gossip_out(addr, frame),
                 Some(round) = seeds.recv() => self.on_seeds(round),
@@ -434,22 +432,15 @@ impl Driver {
             .unwrap_or(self.shared.hello.advertise_addr)
     }
 
-    fn on_members(
-        &mut self,
-        live: &std::collections::BTreeMap<chitchat::ChitchatId, chitchat::NodeState>,
-    ) {
-        let self_id = self.shared.membership.self_id().clone();
-        let transport = self.shared.settings.transport.as_str();
-        let mut members: Vec<Member> = parse_members(live, &self_id, transport)
+    fn on_members(&mut self, live: crate::membership::LiveView) {
+        let mut members: Vec<Member> = live
+            .members
             .into_iter()
             .filter(|m| !self.departed.contains(&*m.node_id))
             .collect();
         members.sort_by_key(|m| m.addr);
         // Forget departed nodes once gossip forgot them too (bounded memory).
-        let listed: HashSet<NodeId> = live
-            .keys()
-            .filter_map(|id| Uid::from_str(&id.node_id).ok().map(|u| *u))
-            .collect();
+        let listed: HashSet<NodeId> = live.listed.iter().map(|u| **u).collect();
         self.departed.retain(|n| listed.contains(n));
 
         let pairs: Vec<(NodeId, SocketAddr)> =

@@ -288,8 +288,8 @@ impl fmt::Debug for ServerEvent {
 
 impl ServerEvent {
     /// Decode the event's data.
-    pub fn data<T: DeserializeOwned>(&self) -> Result<T, rmp_serde::decode::Error> {
-        rmp_serde::from_slice(&self.data)
+    pub fn data<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        rmp_serde::from_slice(&self.data).map_err(|e| Error::Decode(e.to_string()))
     }
 
     /// Whether the emitter waits for an answer ([`Mesh::server_side_emit_with_ack`]).
@@ -349,20 +349,11 @@ pub(crate) struct Shared {
     pub stats: Arc<Stats>,
     pub membership: Membership,
     pub transport: Endpoint,
-    pub gossip_in: mpsc::Sender<(SocketAddr, chitchat::ChitchatMessage)>,
+    pub gossip_in: mpsc::Sender<(SocketAddr, crate::membership::GossipMessage)>,
     pub seed_ctx: SeedContext,
     pub cancel: CancellationToken,
     pub tasks: TaskTracker,
     pub seeds: Vec<Arc<dyn crate::seed::SeedSource>>,
-}
-
-/// Cancels every task when the last [`Mesh`] handle is dropped.
-struct DropGuard(CancellationToken);
-
-impl Drop for DropGuard {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
 }
 
 /// A node of the mesh: the adapter state for socketioxide, and the handle for mesh-level
@@ -396,7 +387,8 @@ impl Drop for DropGuard {
 #[derive(Clone)]
 pub struct Mesh {
     pub(crate) shared: Arc<Shared>,
-    _guard: Arc<DropGuard>,
+    /// Cancels every task when the last handle is dropped.
+    _guard: Arc<tokio_util::sync::DropGuard>,
 }
 
 impl fmt::Debug for Mesh {
@@ -416,7 +408,15 @@ impl Mesh {
         if let Err(e) = config.tls.check_own_certificate() {
             warn!(error = %e, "peers will refuse this node's certificate");
         }
-        let settings = TransportSettings::from_config(&config);
+        // The transport gets its settings, not the configuration (imports run downward).
+        let settings = TransportSettings {
+            incidents: Arc::default(),
+            max_frame_size: config.max_frame_size,
+            max_concurrent_streams: config.max_concurrent_streams,
+            keep_alive_interval: config.keep_alive_interval,
+            idle_timeout: config.idle_timeout,
+            connect_timeout: config.connect_timeout,
+        };
         let transport = match config.transport {
             TransportKind::Quic => Endpoint::Quic(QuicTransport::bind(
                 config.listen_addr,
@@ -456,7 +456,15 @@ impl Mesh {
             None => local_addr,
         };
         let node_id = Uid::new();
-        let (membership, pipes) = Membership::start(&config, node_id, advertise_addr).await?;
+        let membership_settings = crate::membership::MembershipSettings {
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: config.gossip_interval,
+            phi_threshold: config.phi_threshold,
+            dead_node_grace_period: config.dead_node_grace_period,
+            transport: config.transport.as_str(),
+        };
+        let (membership, pipes) =
+            Membership::start(&membership_settings, node_id, advertise_addr).await?;
         let hello = Hello {
             cluster_id: config.cluster_id.clone(),
             node_id,
@@ -513,7 +521,7 @@ impl Mesh {
             cluster = %config.cluster_id, "mesh node started");
         Ok(Mesh {
             shared,
-            _guard: Arc::new(DropGuard(cancel)),
+            _guard: Arc::new(cancel.drop_guard()),
         })
     }
 

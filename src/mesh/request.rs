@@ -107,7 +107,7 @@ impl Shared {
             tokio::time::timeout_at(deadline, self.request_permits.clone().acquire_owned())
                 .await
                 .map_err(|_| {
-                    Error::Encode("too many requests in flight (max_in_flight_requests)".into())
+                    Error::Busy("too many requests in flight (max_in_flight_requests)".into())
                 })?
                 .map_err(|_| Error::Closed)?;
         out._permit = Some(permit);

@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use super::{SeedContext, SeedError, SeedSource};
-use crate::{peers::Backoff, tls::TlsConfig};
+use crate::{backoff::Backoff, tls::TlsConfig};
 
 /// Largest answer read from the service.
 const MAX_ANSWER: usize = 64 * 1024;

@@ -29,37 +29,8 @@ use tokio::{
     task::JoinSet,
 };
 
-/// Application close codes, sent with a connection close.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub(crate) enum CloseCode {
-    /// The node shuts down gracefully.
-    Leaving = 0,
-    /// The peer broke the protocol (malformed or oversize frame...).
-    Protocol = 1,
-    /// The handshake was refused.
-    Refused = 2,
-    /// The peer did not keep up with its command queue.
-    SlowPeer = 3,
-    /// A newer connection to the same peer replaced this one.
-    Replaced = 4,
-    /// Membership declared the peer dead.
-    PeerDead = 5,
-}
-
-impl CloseCode {
-    pub(crate) fn from_u32(code: u32) -> Option<Self> {
-        Some(match code {
-            0 => Self::Leaving,
-            1 => Self::Protocol,
-            2 => Self::Refused,
-            3 => Self::SlowPeer,
-            4 => Self::Replaced,
-            5 => Self::PeerDead,
-            _ => return None,
-        })
-    }
-}
+/// The close codes are part of the peer protocol (`wire`); transports carry them.
+pub(crate) use crate::wire::CloseCode;
 
 /// A transport failure. The message is meant for logs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -283,19 +254,6 @@ pub(crate) struct TransportSettings {
     pub keep_alive_interval: std::time::Duration,
     pub idle_timeout: std::time::Duration,
     pub connect_timeout: std::time::Duration,
-}
-
-impl TransportSettings {
-    pub(crate) fn from_config(cfg: &crate::MeshConfig) -> Self {
-        Self {
-            incidents: Arc::default(),
-            max_frame_size: cfg.max_frame_size,
-            max_concurrent_streams: cfg.max_concurrent_streams,
-            keep_alive_interval: cfg.keep_alive_interval,
-            idle_timeout: cfg.idle_timeout,
-            connect_timeout: cfg.connect_timeout,
-        }
-    }
 }
 
 /// The cause of a failed connection, from the error's text (quinn's and rustls' messages,
