@@ -514,12 +514,7 @@ impl MeshConfig {
 
     /// Check every value. [`Mesh::start`](crate::Mesh::start) calls it too.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let id_ok = !self.cluster_id.is_empty()
-            && self.cluster_id.len() <= 64
-            && self
-                .cluster_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        let id_ok = crate::seed::discovery_api::valid_cluster_id(&self.cluster_id);
         if !id_ok {
             return Err(ConfigError::ClusterId(self.cluster_id.clone()));
         }

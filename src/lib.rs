@@ -49,7 +49,7 @@
 //!              Mesh (one per process, mesh/)
 //!   membership.rs  chitchat gossip + failure detector, carried on the peer connections
 //!   peers.rs       sans-IO peer table: who to dial, which connection, backoff
-//!   requests.rs    sans-IO request tracking: who we still wait for
+//!   answers.rs     sans-IO answer tracking: who a request still waits for (I/O: mesh/request.rs)
 //!   wire.rs        the peer protocol (MessagePack, versioned, append-only tags)
 //!   seed/          where the first peers come from (pluggable SeedSource)
 //!   transport/     authenticated frames on multiplexed streams: quic, ws, mem (tests);
@@ -87,6 +87,7 @@
 compile_error!("socketioxide-mesh's tests need the `dev-ca` feature (on by default)");
 
 pub mod adapter;
+mod answers;
 mod backoff;
 mod config;
 mod error;
@@ -94,7 +95,6 @@ mod incidents;
 mod membership;
 mod mesh;
 mod peers;
-mod requests;
 pub mod seed;
 mod telemetry;
 pub mod tls;

@@ -18,7 +18,6 @@
 
 use std::{
     fmt::Write as _,
-    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -36,7 +35,7 @@ use axum::{
     response::{Html, IntoResponse, Response},
     routing::get,
 };
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::{
@@ -203,24 +202,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Ids<(String, String)> {
     }
 }
 
-/// A registration.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Register {
-    /// The node's id.
-    pub node_id: String,
-    /// The node's mesh address.
-    pub addr: SocketAddr,
-}
-
-/// The answer to a registration.
-#[derive(Debug, Deserialize, Serialize, PartialEq, Eq)]
-pub struct Registered {
-    /// A few live nodes of the cluster to contact.
-    pub seeds: Vec<SocketAddr>,
-    /// Renew before this many milliseconds.
-    pub ttl_ms: u64,
-}
+pub use socketioxide_mesh::seed::discovery_api::{Register, Registered};
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)

@@ -96,21 +96,7 @@ pub fn addr_problem(addr: SocketAddr, refuse_loopback: bool) -> Option<&'static 
     }
 }
 
-pub(crate) fn valid_cluster_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
-pub(crate) fn valid_node_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
-}
+pub(crate) use socketioxide_mesh::seed::discovery_api::{valid_cluster_id, valid_node_id};
 
 impl Registry {
     /// A registry whose entries live `ttl` after their last renewal.

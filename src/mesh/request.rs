@@ -30,9 +30,9 @@ use tracing::debug;
 use super::{Link, Shared};
 use crate::{
     Error,
+    answers::{AckStep, AckTally, Gather},
     error::PeerError,
     peers::NodeId,
-    requests::{AckStep, AckTally, Gather},
     transport::{CloseCode, TransportError},
     wire::{self, QueryHeader, Reply},
 };
@@ -225,7 +225,7 @@ impl Outgoing {
                     debug!(peer = %self.uid_of(node), error = %e, "peer failed to answer a request");
                     self.failed = true;
                     self.timed_out |= matches!(&e, PeerError::Transport(t) if t == TIMED_OUT);
-                    self.gather.failed(node, e);
+                    self.gather.failed(node);
                 }
             }
         }

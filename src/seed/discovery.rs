@@ -11,11 +11,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, StatusCode, Uri, header};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
-    sync::Mutex,
 };
 
 use super::{SeedContext, SeedError, SeedSource};
@@ -62,18 +60,6 @@ fn parse_endpoint(url: &str) -> Result<Endpoint, SeedError> {
     })
 }
 
-#[derive(Serialize)]
-struct Register<'a> {
-    node_id: &'a str,
-    addr: SocketAddr,
-}
-
-#[derive(Deserialize)]
-struct Registered {
-    seeds: Vec<SocketAddr>,
-    ttl_ms: u64,
-}
-
 #[derive(Default)]
 struct State {
     seeds: Vec<SocketAddr>,
@@ -105,7 +91,8 @@ pub struct DiscoverySeeds {
     tls: Option<tokio_rustls::TlsConnector>,
     timeout: Duration,
     backoff: Backoff,
-    state: Mutex<State>,
+    /// Never held across an await.
+    state: std::sync::Mutex<State>,
 }
 
 impl std::fmt::Debug for DiscoverySeeds {
@@ -118,6 +105,10 @@ impl std::fmt::Debug for DiscoverySeeds {
 }
 
 impl DiscoverySeeds {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The service's URLs (`http://` or `https://`, optionally with a path prefix).
     pub fn new<S: AsRef<str>>(urls: impl IntoIterator<Item = S>) -> Result<Self, SeedError> {
         let endpoints = urls
@@ -135,7 +126,7 @@ impl DiscoverySeeds {
                 min: Duration::from_millis(500),
                 max: Duration::from_secs(30),
             },
-            state: Mutex::new(State::default()),
+            state: std::sync::Mutex::new(State::default()),
         })
     }
 
@@ -188,9 +179,13 @@ impl DiscoverySeeds {
         }
     }
 
-    async fn register(&self, ep: &Endpoint, ctx: &SeedContext) -> Result<Registered, String> {
-        let body = serde_json::to_vec(&Register {
-            node_id: &ctx.node_id.to_string(),
+    async fn register(
+        &self,
+        ep: &Endpoint,
+        ctx: &SeedContext,
+    ) -> Result<super::discovery_api::Registered, String> {
+        let body = serde_json::to_vec(&super::discovery_api::Register {
+            node_id: ctx.node_id.to_string(),
             addr: ctx.advertise_addr,
         })
         .map_err(|e| e.to_string())?;
@@ -256,11 +251,14 @@ impl SeedSource for DiscoverySeeds {
     }
 
     async fn seeds(&self, ctx: &SeedContext) -> Result<Vec<SocketAddr>, SeedError> {
-        let mut state = self.state.lock().await;
         let now = Instant::now();
-        if state.next_at.is_some_and(|t| now < t) {
-            return Ok(state.seeds.clone());
+        {
+            let state = self.state();
+            if state.next_at.is_some_and(|t| now < t) {
+                return Ok(state.seeds.clone());
+            }
         }
+        // No lock across the HTTP calls (two concurrent callers may both register: harmless).
         let mut seeds = Vec::new();
         let mut ttl: Option<Duration> = None;
         let mut errors = Vec::new();
@@ -274,6 +272,7 @@ impl SeedSource for DiscoverySeeds {
                 Err(e) => errors.push(format!("{ep}: {e}")),
             }
         }
+        let mut state = self.state();
         match ttl {
             Some(ttl) => {
                 if state.failures > 0 {
@@ -367,14 +366,14 @@ mod tests {
             .port();
         let d = DiscoverySeeds::new([format!("http://127.0.0.1:{port}")]).unwrap();
         let known: SocketAddr = "10.0.0.7:7800".parse().unwrap();
-        d.state.lock().await.seeds = vec![known];
+        d.state().seeds = vec![known];
         let ctx = SeedContext {
             cluster_id: "c".into(),
             node_id: socketioxide_core::Uid::new(),
             advertise_addr: "10.0.0.1:7800".parse().unwrap(),
         };
         assert_eq!(d.seeds(&ctx).await.unwrap(), vec![known]);
-        let state = d.state.lock().await;
+        let state = d.state();
         assert_eq!(state.failures, 1);
         assert!(state.next_at.is_some_and(|t| t > Instant::now()));
     }

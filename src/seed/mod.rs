@@ -27,6 +27,7 @@
 
 #[cfg(feature = "discovery-client")]
 mod discovery;
+pub mod discovery_api;
 mod list;
 
 use std::{net::SocketAddr, sync::Arc};

@@ -1,12 +1,12 @@
-//! Request tracking (sans-IO): which peers a request still waits for, and the accounting of
-//! one peer's answer stream.
+//! Answer tracking (sans-IO; the I/O side is `mesh/request.rs`): which peers a request still
+//! waits for, and the accounting of one peer's answer stream.
 //!
 //! A request to N peers opens one stream per peer. It completes when every peer has answered
 //! **or failed** (its connection dropped, membership declared it dead, it broke the protocol),
 //! never later than its deadline. There is no per-request timer per peer: a dead peer ends its
 //! streams at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use crate::{error::PeerError, peers::NodeId, wire::Reply};
 
@@ -14,14 +14,15 @@ use crate::{error::PeerError, peers::NodeId, wire::Reply};
 #[derive(Debug, Default)]
 pub(crate) struct Gather {
     pending: HashSet<NodeId>,
-    failed: HashMap<NodeId, String>,
+    /// How many peers failed (why is logged by the caller).
+    failed: usize,
 }
 
 impl Gather {
     pub(crate) fn new(nodes: impl IntoIterator<Item = NodeId>) -> Self {
         Self {
             pending: nodes.into_iter().collect(),
-            failed: HashMap::new(),
+            failed: 0,
         }
     }
 
@@ -31,9 +32,9 @@ impl Gather {
     }
 
     /// The peer failed; the request goes on without it.
-    pub(crate) fn failed(&mut self, node: NodeId, why: impl ToString) {
+    pub(crate) fn failed(&mut self, node: NodeId) {
         if self.pending.remove(&node) {
-            self.failed.insert(node, why.to_string());
+            self.failed += 1;
         }
     }
 
@@ -48,9 +49,9 @@ impl Gather {
     }
 
     #[cfg(test)]
-    /// Peers that failed, and why.
-    pub(crate) fn failures(&self) -> &HashMap<NodeId, String> {
-        &self.failed
+    /// How many peers failed.
+    pub(crate) fn failures(&self) -> usize {
+        self.failed
     }
 }
 
@@ -123,15 +124,15 @@ mod tests {
         let mut g = Gather::new([a, b, c]);
         assert!(!g.is_complete());
         g.done(a);
-        g.failed(b, "connection lost");
+        g.failed(b);
         assert!(!g.is_complete());
         assert_eq!(g.pending().collect::<Vec<_>>(), vec![&c]);
-        g.failed(c, "peer dead");
+        g.failed(c);
         assert!(g.is_complete());
-        assert_eq!(g.failures().len(), 2);
+        assert_eq!(g.failures(), 2);
         // A late event for a peer already settled changes nothing.
-        g.failed(a, "late");
-        assert_eq!(g.failures().len(), 2);
+        g.failed(a);
+        assert_eq!(g.failures(), 2);
         assert!(Gather::new([]).is_complete());
     }
 
