@@ -84,7 +84,7 @@ pub enum TlsError {
     NotANodeCertificate(String),
 }
 
-/// Why a peer connection was refused or dropped. Carried in logs and in [`Error::Peer`].
+/// Why a peer connection was refused or dropped. Carried in logs.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum PeerError {
     /// The peer speaks something else than this protocol (bad magic bytes).
