@@ -82,6 +82,9 @@ pub mod tls;
 mod transport;
 mod wire;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use adapter::MeshAdapter;
 #[doc(no_inline)]
 pub use async_trait::async_trait;
