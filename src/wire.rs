@@ -1413,17 +1413,17 @@ mod fuzz_tests {
 
     #[test]
     fn fuzz_commands_round_trip_and_mutated_commands_fail_cleanly() {
-        round_trips_and_survives_mutations("commands", 4000, command, encode_command);
+        round_trips_and_survives_mutations("commands", 5000, command, encode_command);
     }
 
     #[test]
     fn fuzz_queries_round_trip_and_mutated_queries_fail_cleanly() {
-        round_trips_and_survives_mutations("queries", 3000, query, encode_query);
+        round_trips_and_survives_mutations("queries", 4000, query, encode_query);
     }
 
     #[test]
     fn fuzz_replies_round_trip_and_mutated_replies_fail_cleanly() {
-        round_trips_and_survives_mutations("replies", 3000, reply, |r| encode(r).unwrap());
+        round_trips_and_survives_mutations("replies", 4000, reply, |r| encode(r).unwrap());
     }
 
     #[test]
@@ -1451,7 +1451,7 @@ mod fuzz_tests {
 
     #[test]
     fn fuzz_handshakes_round_trip_and_mutated_handshakes_fail_cleanly() {
-        for mut case in fuzz::cases("handshakes", 3000) {
+        for mut case in fuzz::cases("handshakes", 4000) {
             let rng = &mut case.rng;
             let h = hello(rng);
             let frame = encode_hello(&h).unwrap();
