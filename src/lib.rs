@@ -102,6 +102,9 @@ pub mod topology;
 mod transport;
 mod wire;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use adapter::MeshAdapter;
 #[doc(no_inline)]
 pub use async_trait::async_trait;

@@ -392,9 +392,85 @@ pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Bytes, crate::Error> {
         .map_err(|e| crate::Error::Encode(e.to_string()))
 }
 
+/// Arrays and maps nest at most this deep in a message (a broadcast's binary attachments are
+/// 5 levels down). A deeper frame is refused: skipping an unknown field nested 1000 deep
+/// (rmp-serde's own limit) overflows a 2 MiB stack in a debug build.
+const MAX_DEPTH: usize = 16;
+
 /// Decode a message from an untrusted frame.
 pub(crate) fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, PeerError> {
-    rmp_serde::from_slice(frame).map_err(|e| PeerError::Malformed(e.to_string()))
+    check_lengths(frame).map_err(PeerError::Malformed)?;
+    let mut de = rmp_serde::Deserializer::from_read_ref(frame);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de).map_err(|e| PeerError::Malformed(e.to_string()))
+}
+
+/// Refuse a frame whose MessagePack headers announce more than it holds, before any
+/// `Deserialize` impl sees them: some reserve what a header announces (smallvec's, in
+/// `BroadcastOptions`, asked the allocator for 96 GiB on the 5 bytes `dd ff ff ff ff`; serde's
+/// `Vec` for up to 1 MiB). Every value takes at least one byte, so an array of `n` (a map of
+/// `n` entries) needs `n` (`2n`) bytes after its header, and a string or binary its length.
+/// One pass over the first value, no allocation, no recursion; a frame the decoder would
+/// accept always passes.
+fn check_lengths(frame: &[u8]) -> Result<(), String> {
+    fn take<'a>(rest: &mut &'a [u8], n: u64, what: &str) -> Result<&'a [u8], String> {
+        match usize::try_from(n).ok().filter(|&n| n <= rest.len()) {
+            Some(n) => {
+                let (head, tail) = rest.split_at(n);
+                *rest = tail;
+                Ok(head)
+            }
+            None => Err(format!(
+                "{what} of {n} bytes with {} bytes left",
+                rest.len()
+            )),
+        }
+    }
+    fn length(rest: &mut &[u8], width: u64) -> Result<u64, String> {
+        let bytes = take(rest, width, "length")?;
+        Ok(bytes.iter().fold(0, |n, &b| n << 8 | u64::from(b)))
+    }
+    let mut rest = frame;
+    // Values announced and not read yet.
+    let mut pending: u64 = 1;
+    while pending > 0 {
+        if pending > rest.len() as u64 {
+            return Err(format!(
+                "{pending} values announced with {} bytes left",
+                rest.len()
+            ));
+        }
+        let marker = rest[0];
+        rest = &rest[1..];
+        pending -= 1;
+        match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => {}
+            0x80..=0x8f => pending += 2 * u64::from(marker & 0x0f),
+            0x90..=0x9f => pending += u64::from(marker & 0x0f),
+            0xa0..=0xbf => _ = take(&mut rest, u64::from(marker & 0x1f), "string")?,
+            0xc1 => return Err("reserved MessagePack marker 0xc1".into()),
+            0xc4..=0xc6 => {
+                let len = length(&mut rest, 1 << (marker - 0xc4))?;
+                take(&mut rest, len, "binary")?;
+            }
+            0xc7..=0xc9 => {
+                let len = length(&mut rest, 1 << (marker - 0xc7))?;
+                take(&mut rest, 1 + len, "extension")?;
+            }
+            0xca | 0xce | 0xd2 => _ = take(&mut rest, 4, "number")?,
+            0xcb | 0xcf | 0xd3 => _ = take(&mut rest, 8, "number")?,
+            0xcc | 0xd0 => _ = take(&mut rest, 1, "number")?,
+            0xcd | 0xd1 => _ = take(&mut rest, 2, "number")?,
+            0xd4..=0xd8 => _ = take(&mut rest, 1 + (1 << (marker - 0xd4)), "extension")?,
+            0xd9..=0xdb => {
+                let len = length(&mut rest, 1 << (marker - 0xd9))?;
+                take(&mut rest, len, "string")?;
+            }
+            0xdc | 0xdd => pending += length(&mut rest, 2 << (marker - 0xdc))?,
+            0xde | 0xdf => pending += 2 * length(&mut rest, 2 << (marker - 0xde))?,
+        }
+    }
+    Ok(())
 }
 
 /// Decode a message from an untrusted frame; its payloads ([`WireBytes`], packet data) are
@@ -853,5 +929,593 @@ mod tests {
         let payload = Bytes::from(vec![0xffu8; 10_000]);
         let frame = encode(&WireValue(Value::Bytes(payload))).unwrap();
         assert!(frame.len() < 10_016, "{} bytes", frame.len());
+    }
+}
+
+/// Fuzz tests of the decoders (see [`crate::fuzz`]): random frames, and valid frames of every
+/// message mutated. A decoder never panics, never allocates more than the input justifies,
+/// answers garbage with an error that says something, and gives back exactly what was encoded.
+#[cfg(test)]
+mod fuzz_tests {
+    use std::{fmt::Debug, str::FromStr};
+
+    use fastrand::Rng;
+    use socketioxide_core::adapter::BroadcastFlags;
+
+    use super::*;
+    use crate::fuzz;
+
+    /// Strings with one-, two-, three- and four-byte characters.
+    fn text(rng: &mut Rng) -> String {
+        const PIECES: &[&str] = &[
+            "a", "/", "Z", "0", " ", "\"", "é", "字", "🦀", "\u{7f}", "\0",
+        ];
+        (0..rng.usize(..12))
+            .map(|_| PIECES[rng.usize(..PIECES.len())])
+            .collect()
+    }
+
+    fn blob(rng: &mut Rng) -> Bytes {
+        Bytes::from(fuzz::bytes(rng, 300))
+    }
+
+    fn sid(rng: &mut Rng) -> Sid {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let s: String = (0..16)
+            .map(|_| ALPHABET[rng.usize(..ALPHABET.len())] as char)
+            .collect();
+        Sid::from_str(&s).expect("16 base64url characters")
+    }
+
+    fn uid(rng: &mut Rng) -> Uid {
+        Uid::from_str(sid(rng).as_str()).expect("a sid is a uid")
+    }
+
+    fn rooms(rng: &mut Rng, max: usize) -> Vec<Room> {
+        (0..rng.usize(..=max)).map(|_| text(rng).into()).collect()
+    }
+
+    fn opts(rng: &mut Rng) -> BroadcastOptions {
+        let mut o = BroadcastOptions::default();
+        for flag in [
+            BroadcastFlags::Local,
+            BroadcastFlags::Broadcast,
+            BroadcastFlags::Volatile,
+        ] {
+            if rng.bool() {
+                o.add_flag(flag);
+            }
+        }
+        o.rooms.extend(rooms(rng, 5));
+        o.except.extend(rooms(rng, 3));
+        o.sid = rng.bool().then(|| sid(rng));
+        o.server_id = rng.bool().then(|| uid(rng));
+        o
+    }
+
+    fn value(rng: &mut Rng) -> Value {
+        if rng.bool() {
+            let bins = rng
+                .bool()
+                .then(|| (0..rng.usize(..3)).map(|_| blob(rng)).collect());
+            Value::Str(text(rng).into(), bins)
+        } else {
+            Value::Bytes(blob(rng))
+        }
+    }
+
+    fn ack(rng: &mut Rng) -> i64 {
+        match rng.u8(..3) {
+            0 => i64::MIN,
+            1 => i64::MAX,
+            _ => rng.i64(-5..1000),
+        }
+    }
+
+    fn packet(rng: &mut Rng) -> Packet {
+        let inner = match rng.u8(..7) {
+            0 => PacketData::Connect(rng.bool().then(|| value(rng))),
+            1 => PacketData::Disconnect,
+            2 => PacketData::Event(value(rng), rng.bool().then(|| ack(rng))),
+            3 => PacketData::EventAck(value(rng), ack(rng)),
+            4 => PacketData::ConnectError(text(rng)),
+            5 => PacketData::BinaryEvent(value(rng), rng.bool().then(|| ack(rng))),
+            _ => PacketData::BinaryAck(value(rng), ack(rng)),
+        };
+        Packet {
+            inner,
+            ns: text(rng).into(),
+        }
+    }
+
+    fn command(rng: &mut Rng) -> Command {
+        let ns = Str::from(text(rng));
+        match rng.u8(..5) {
+            0 => Command::Broadcast {
+                ns,
+                opts: opts(rng),
+                packet: WirePacket(packet(rng)),
+            },
+            1 => Command::AddSockets {
+                ns,
+                opts: opts(rng),
+                rooms: rooms(rng, 6),
+            },
+            2 => Command::DelSockets {
+                ns,
+                opts: opts(rng),
+                rooms: rooms(rng, 6),
+            },
+            3 => Command::DisconnectSockets {
+                ns,
+                opts: opts(rng),
+            },
+            _ => Command::ServerEvent {
+                event: text(rng),
+                data: WireBytes(blob(rng)),
+            },
+        }
+    }
+
+    /// Encoded as production encodes it: through [`CommandRef`].
+    fn encode_command(c: &Command) -> Bytes {
+        let r = match c {
+            Command::Broadcast { ns, opts, packet } => CommandRef::Broadcast {
+                ns,
+                opts,
+                packet: PacketRef(&packet.0),
+            },
+            Command::AddSockets { ns, opts, rooms } => CommandRef::AddSockets { ns, opts, rooms },
+            Command::DelSockets { ns, opts, rooms } => CommandRef::DelSockets { ns, opts, rooms },
+            Command::DisconnectSockets { ns, opts } => CommandRef::DisconnectSockets { ns, opts },
+            Command::ServerEvent { event, data } => CommandRef::ServerEvent {
+                event,
+                data: serde_bytes::Bytes::new(&data.0),
+            },
+        };
+        encode(&r).expect("commands encode")
+    }
+
+    fn query(rng: &mut Rng) -> Query {
+        let ns = Str::from(text(rng));
+        match rng.u8(..4) {
+            0 => Query::FetchSockets {
+                ns,
+                opts: opts(rng),
+            },
+            1 => Query::Rooms {
+                ns,
+                opts: opts(rng),
+            },
+            2 => Query::BroadcastWithAck {
+                ns,
+                opts: opts(rng),
+                packet: WirePacket(packet(rng)),
+                timeout_ms: rng.bool().then(|| rng.u64(..)),
+            },
+            _ => Query::ServerEventWithAck {
+                event: text(rng),
+                data: WireBytes(blob(rng)),
+            },
+        }
+    }
+
+    /// Encoded as production encodes it: through [`QueryRef`].
+    fn encode_query(q: &Query) -> Bytes {
+        let r = match q {
+            Query::FetchSockets { ns, opts } => QueryRef::FetchSockets { ns, opts },
+            Query::Rooms { ns, opts } => QueryRef::Rooms { ns, opts },
+            Query::BroadcastWithAck {
+                ns,
+                opts,
+                packet,
+                timeout_ms,
+            } => QueryRef::BroadcastWithAck {
+                ns,
+                opts,
+                packet: PacketRef(&packet.0),
+                timeout_ms: *timeout_ms,
+            },
+            Query::ServerEventWithAck { event, data } => QueryRef::ServerEventWithAck {
+                event,
+                data: serde_bytes::Bytes::new(&data.0),
+            },
+        };
+        encode(&r).expect("queries encode")
+    }
+
+    fn reply(rng: &mut Rng) -> Reply {
+        match rng.u8(..6) {
+            0 => Reply::Sockets {
+                server_id: uid(rng),
+                ids: (0..rng.usize(..5)).map(|_| sid(rng)).collect(),
+            },
+            1 => Reply::Rooms(rooms(rng, 6)),
+            2 => Reply::AckCount(rng.u32(..)),
+            3 => Reply::Ack {
+                sid: sid(rng),
+                result: if rng.bool() {
+                    Ok(WireValue(value(rng)))
+                } else {
+                    Err(ByteBuf::from(blob(rng).to_vec()))
+                },
+            },
+            4 => Reply::Error(text(rng)),
+            _ => Reply::ServerAck(rng.bool().then(|| ByteBuf::from(blob(rng).to_vec()))),
+        }
+    }
+
+    fn hello(rng: &mut Rng) -> Hello {
+        let ip: std::net::IpAddr = if rng.bool() {
+            std::net::Ipv4Addr::from(rng.u32(..)).into()
+        } else {
+            std::net::Ipv6Addr::from(rng.u128(..)).into()
+        };
+        Hello {
+            cluster_id: text(rng),
+            node_id: uid(rng),
+            advertise_addr: SocketAddr::new(ip, rng.u16(..)),
+            transport: text(rng),
+        }
+    }
+
+    fn hello_reply(rng: &mut Rng) -> HelloReply {
+        if rng.bool() {
+            HelloReply::Welcome(hello(rng))
+        } else {
+            HelloReply::Refused(text(rng))
+        }
+    }
+
+    /// Every string a decoded message holds, to check that each is valid UTF-8: a `Str` made
+    /// with `from_bytes_unchecked` from bytes that are not would be undefined behaviour.
+    trait Strings {
+        fn strings(&self) -> Vec<&str>;
+    }
+
+    fn value_strings(v: &Value) -> Vec<&str> {
+        match v {
+            Value::Str(s, _) => vec![s.as_str()],
+            Value::Bytes(_) => vec![],
+        }
+    }
+
+    fn packet_strings(p: &Packet) -> Vec<&str> {
+        let mut out = vec![p.ns.as_str()];
+        match &p.inner {
+            PacketData::Connect(v) => out.extend(v.iter().flat_map(value_strings)),
+            PacketData::Disconnect => {}
+            PacketData::ConnectError(e) => out.push(e),
+            PacketData::Event(v, _)
+            | PacketData::EventAck(v, _)
+            | PacketData::BinaryEvent(v, _)
+            | PacketData::BinaryAck(v, _) => out.extend(value_strings(v)),
+        }
+        out
+    }
+
+    fn opts_strings(o: &BroadcastOptions) -> Vec<&str> {
+        o.rooms.iter().chain(&o.except).map(|r| &**r).collect()
+    }
+
+    impl Strings for Command {
+        fn strings(&self) -> Vec<&str> {
+            match self {
+                Command::Broadcast { ns, opts, packet } => [
+                    vec![ns.as_str()],
+                    opts_strings(opts),
+                    packet_strings(&packet.0),
+                ]
+                .concat(),
+                Command::AddSockets { ns, opts, rooms }
+                | Command::DelSockets { ns, opts, rooms } => [
+                    vec![ns.as_str()],
+                    opts_strings(opts),
+                    rooms.iter().map(|r| &**r).collect(),
+                ]
+                .concat(),
+                Command::DisconnectSockets { ns, opts } => {
+                    [vec![ns.as_str()], opts_strings(opts)].concat()
+                }
+                Command::ServerEvent { event, .. } => vec![event],
+            }
+        }
+    }
+
+    impl Strings for Query {
+        fn strings(&self) -> Vec<&str> {
+            match self {
+                Query::FetchSockets { ns, opts } | Query::Rooms { ns, opts } => {
+                    [vec![ns.as_str()], opts_strings(opts)].concat()
+                }
+                Query::BroadcastWithAck {
+                    ns, opts, packet, ..
+                } => [
+                    vec![ns.as_str()],
+                    opts_strings(opts),
+                    packet_strings(&packet.0),
+                ]
+                .concat(),
+                Query::ServerEventWithAck { event, .. } => vec![event],
+            }
+        }
+    }
+
+    impl Strings for Reply {
+        fn strings(&self) -> Vec<&str> {
+            match self {
+                Reply::Rooms(rooms) => rooms.iter().map(|r| &**r).collect(),
+                Reply::Ack { result: Ok(v), .. } => value_strings(&v.0),
+                Reply::Error(e) => vec![e],
+                _ => vec![],
+            }
+        }
+    }
+
+    impl Strings for UniHeader {
+        fn strings(&self) -> Vec<&str> {
+            vec![]
+        }
+    }
+
+    impl Strings for QueryHeader {
+        fn strings(&self) -> Vec<&str> {
+            vec![]
+        }
+    }
+
+    impl Strings for Hello {
+        fn strings(&self) -> Vec<&str> {
+            vec![&self.cluster_id, &self.transport]
+        }
+    }
+
+    impl Strings for HelloReply {
+        fn strings(&self) -> Vec<&str> {
+            match self {
+                HelloReply::Welcome(h) => h.strings(),
+                HelloReply::Refused(r) => vec![r],
+            }
+        }
+    }
+
+    /// What a decoder may allocate for an input of `len` bytes: a few times the input (a
+    /// collection of `n` elements needs `n` bytes of input; each takes at most 32 bytes in
+    /// memory) plus small fixed costs (error messages).
+    fn allocation_bound(len: usize) -> usize {
+        32 * len + 16 * 1024
+    }
+
+    fn check_result<T: Strings + Debug>(input: &[u8], result: &Result<T, PeerError>) {
+        match result {
+            Ok(msg) => {
+                for s in msg.strings() {
+                    assert!(
+                        std::str::from_utf8(s.as_bytes()).is_ok(),
+                        "invalid UTF-8 decoded from {input:02x?}"
+                    );
+                }
+            }
+            Err(e) => assert!(
+                !e.to_string().trim().is_empty(),
+                "empty error for {input:02x?}"
+            ),
+        }
+    }
+
+    /// Decode `input` as a `T` both ways (copying and slicing payloads out of the frame): the
+    /// two agree, the result is sound, the allocation bounded. Returns the result.
+    fn decode_untrusted<T>(input: &[u8]) -> Result<T, PeerError>
+    where
+        T: DeserializeOwned + PartialEq + Debug + Strings,
+    {
+        let frame = Bytes::copy_from_slice(input);
+        let ((copied, shared), peak) =
+            fuzz::largest_allocation(|| (decode::<T>(input), decode_shared::<T>(&frame)));
+        assert!(
+            peak <= allocation_bound(input.len()),
+            "decoding {} bytes allocated {peak} bytes at once: {:02x?}",
+            input.len(),
+            &input[..input.len().min(64)]
+        );
+        assert_eq!(
+            copied, shared,
+            "copying and shared decoding disagree on {input:02x?}"
+        );
+        if let Err(e) = &copied {
+            assert!(matches!(e, PeerError::Malformed(_)), "{e:?}");
+        }
+        if let Err(reason) = check_lengths(input) {
+            // The length check refuses only what is not one whole MessagePack value anyway.
+            let mut de = rmp_serde::Deserializer::from_read_ref(input);
+            de.set_max_depth(MAX_DEPTH);
+            assert!(
+                serde::de::IgnoredAny::deserialize(&mut de).is_err(),
+                "the length check ({reason}) refused a well-formed frame: {input:02x?}"
+            );
+        }
+        check_result(input, &copied);
+        copied
+    }
+
+    /// A handshake decoder on untrusted input: sound, bounded, a clear error.
+    fn decode_handshake<T: Strings + Debug>(
+        input: &[u8],
+        decoder: fn(&[u8]) -> Result<T, PeerError>,
+    ) -> Result<T, PeerError> {
+        let (result, peak) = fuzz::largest_allocation(|| decoder(input));
+        assert!(
+            peak <= allocation_bound(input.len()),
+            "{peak} bytes for {input:02x?}"
+        );
+        check_result(input, &result);
+        result
+    }
+
+    /// Mutations of `frame` per case: each decodes without harm (the mutation may be valid).
+    const MUTATIONS: usize = 8;
+
+    fn round_trips_and_survives_mutations<T>(
+        name: &'static str,
+        iters: usize,
+        make: fn(&mut Rng) -> T,
+        encode: fn(&T) -> Bytes,
+    ) where
+        T: DeserializeOwned + PartialEq + Debug + Strings,
+    {
+        for mut case in fuzz::cases(name, iters) {
+            let msg = make(&mut case.rng);
+            let frame = encode(&msg);
+            assert_eq!(decode_untrusted::<T>(&frame).as_ref(), Ok(&msg));
+            for _ in 0..MUTATIONS {
+                let bad = fuzz::mutate(&mut case.rng, &frame);
+                let _ = decode_untrusted::<T>(&bad);
+            }
+        }
+    }
+
+    /// `frame` with the `nth` occurrence of `from` replaced by `to`.
+    fn patched(frame: &[u8], nth: usize, from: u8, to: &[u8]) -> Vec<u8> {
+        let at = frame
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == from)
+            .nth(nth)
+            .map(|(i, _)| i)
+            .expect("byte to patch");
+        [&frame[..at], to, &frame[at + 1..]].concat()
+    }
+
+    #[test]
+    fn a_header_announcing_more_than_the_frame_holds_is_refused_before_allocating() {
+        const ARRAY_MAX: &[u8] = &[0xdd, 0xff, 0xff, 0xff, 0xff];
+        let add = encode_command(&Command::AddSockets {
+            ns: "/".into(),
+            opts: BroadcastOptions::default(),
+            rooms: vec![],
+        });
+        // `0x90` (empty array) three times: opts.rooms, opts.except (smallvecs), rooms (Vec).
+        let commands = [
+            patched(&add, 0, 0x90, ARRAY_MAX),
+            patched(&add, 1, 0x90, ARRAY_MAX),
+            patched(&add, 2, 0x90, ARRAY_MAX),
+            patched(&add, 0, 0xa1, &[0xdb, 0xff, 0xff, 0xff, 0xff]), // str 32: the variant
+            patched(&add, 0, 0x81, &[0xdf, 0xff, 0xff, 0xff, 0xff]), // map 32: the message
+            patched(&add, 0, 0xa1, &[0xc6, 0xff, 0xff, 0xff, 0xff]), // bin 32: the variant
+        ];
+        let sockets = encode(&Reply::Sockets {
+            server_id: Uid::new(),
+            ids: vec![],
+        })
+        .unwrap();
+        let replies = [
+            patched(&sockets, 0, 0x90, ARRAY_MAX),
+            patched(&encode(&Reply::Rooms(vec![])).unwrap(), 0, 0x90, ARRAY_MAX),
+        ];
+        let started = std::time::Instant::now();
+        for frame in &commands {
+            let (res, peak) = fuzz::largest_allocation(|| decode::<Command>(frame));
+            assert!(peak < 4096, "{peak} bytes allocated for {frame:02x?}");
+            let Err(PeerError::Malformed(reason)) = res else {
+                panic!("{frame:02x?} gave {res:?}");
+            };
+            assert!(reason.contains("bytes left"), "{reason}");
+        }
+        for frame in &replies {
+            let (res, peak) = fuzz::largest_allocation(|| decode::<Reply>(frame));
+            assert!(peak < 4096, "{peak} bytes allocated for {frame:02x?}");
+            assert!(matches!(res, Err(PeerError::Malformed(_))), "{res:?}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_with_a_clear_error() {
+        // An unknown field (skipped) nested 1000 arrays deep: within rmp-serde's default limit,
+        // but deep enough to overflow a 2 MiB stack in a debug build.
+        let mut frame = vec![0x81, 0xa1, b'x'];
+        frame.extend(std::iter::repeat_n(0x91, 1000));
+        frame.push(0xc0);
+        let res = decode::<QueryHeader>(&frame);
+        assert_eq!(
+            res,
+            Err(PeerError::Malformed("depth limit exceeded".into()))
+        );
+    }
+
+    #[test]
+    fn fuzz_commands_round_trip_and_mutated_commands_fail_cleanly() {
+        round_trips_and_survives_mutations("commands", 5000, command, encode_command);
+    }
+
+    #[test]
+    fn fuzz_queries_round_trip_and_mutated_queries_fail_cleanly() {
+        round_trips_and_survives_mutations("queries", 4000, query, encode_query);
+    }
+
+    #[test]
+    fn fuzz_replies_round_trip_and_mutated_replies_fail_cleanly() {
+        round_trips_and_survives_mutations("replies", 4000, reply, |r| encode(r).unwrap());
+    }
+
+    #[test]
+    fn fuzz_stream_headers_round_trip_and_mutated_headers_fail_cleanly() {
+        round_trips_and_survives_mutations(
+            "uni headers",
+            2000,
+            |rng| match rng.bool() {
+                true => UniHeader::Commands {
+                    start_seq: rng.u64(..),
+                },
+                false => UniHeader::Gossip,
+            },
+            |h| encode(h).unwrap(),
+        );
+        round_trips_and_survives_mutations(
+            "query headers",
+            2000,
+            |rng| QueryHeader {
+                after_seq: rng.u64(..),
+            },
+            |h| encode(h).unwrap(),
+        );
+    }
+
+    #[test]
+    fn fuzz_handshakes_round_trip_and_mutated_handshakes_fail_cleanly() {
+        for mut case in fuzz::cases("handshakes", 4000) {
+            let rng = &mut case.rng;
+            let h = hello(rng);
+            let frame = encode_hello(&h).unwrap();
+            assert_eq!(decode_handshake(&frame, decode_hello), Ok(h));
+            let r = hello_reply(rng);
+            let reply = encode_hello_reply(&r).unwrap();
+            assert_eq!(decode_handshake(&reply, decode_hello_reply), Ok(r));
+            for _ in 0..MUTATIONS / 2 {
+                let _ = decode_handshake(&fuzz::mutate(rng, &frame), decode_hello);
+                let _ = decode_handshake(&fuzz::mutate(rng, &reply), decode_hello_reply);
+                // Past the magic and version: the MessagePack body is what gets mutated.
+                let mut body = fuzz::mutate(rng, &frame[6..]);
+                body.splice(0..0, frame[..6].iter().copied());
+                let _ = decode_handshake(&body, decode_hello);
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_random_bytes_are_refused_by_every_decoder() {
+        for mut case in fuzz::cases("random bytes", 20_000) {
+            let input = fuzz::bytes(&mut case.rng, 4096);
+            let _ = decode_untrusted::<Command>(&input);
+            let _ = decode_untrusted::<Query>(&input);
+            let _ = decode_untrusted::<Reply>(&input);
+            let _ = decode_untrusted::<UniHeader>(&input);
+            let _ = decode_untrusted::<QueryHeader>(&input);
+            let mut framed = [MAGIC.as_slice(), &PROTOCOL_VERSION.to_be_bytes()].concat();
+            framed.extend_from_slice(&input);
+            let _ = decode_handshake(&framed, decode_hello);
+            let _ = decode_handshake(&framed, decode_hello_reply);
+            let _ = decode_handshake(&input, decode_hello);
+        }
     }
 }

@@ -280,4 +280,210 @@ mod tests {
             Err(TransportError::FrameTooLarge { size: 5, max: 4 })
         ));
     }
+
+    /// Cut `bytes` at random places into chunks (some empty).
+    fn random_chunks(rng: &mut fastrand::Rng, bytes: &[u8]) -> Vec<Bytes> {
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let len = match rng.u8(..8) {
+                0 => 0,
+                1 => bytes.len() - at,
+                2..=4 => rng.usize(1..=8),
+                _ => rng.usize(1..=bytes.len() - at),
+            }
+            .min(bytes.len() - at);
+            chunks.push(Bytes::copy_from_slice(&bytes[at..at + len]));
+            at += len;
+        }
+        chunks
+    }
+
+    /// What a decoder made of a stream: its frames, its error, how many bytes it had been
+    /// given when it failed, and whether it ended holding part of a frame.
+    struct Outcome {
+        frames: Vec<Bytes>,
+        error: Option<(TransportError, usize)>,
+        holds_partial: bool,
+    }
+
+    /// Feed `chunks` to a decoder as a stream reader does, checking at every step that it
+    /// holds at most one incomplete frame and never allocates more than that.
+    fn feed(chunks: &[Bytes], max: usize) -> Outcome {
+        let mut d = Decoder::new(max);
+        let mut frames = Vec::new();
+        let mut pushed = 0;
+        let bound = 2 * (max + 4) + 64;
+        let mut drain = |d: &mut Decoder, pushed: usize| -> Result<(), (TransportError, usize)> {
+            loop {
+                let (next, peak) = crate::fuzz::largest_allocation(|| d.next());
+                assert!(peak <= bound, "next() allocated {peak} bytes, max {max}");
+                assert!(d.partial.len() <= max + 4, "{} bytes held", d.partial.len());
+                match next {
+                    Ok(Some(f)) => {
+                        assert!(f.len() <= max, "frame of {} bytes, max {max}", f.len());
+                        frames.push(f);
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err((e, pushed)),
+                }
+            }
+        };
+        for chunk in chunks {
+            if let Err(e) = drain(&mut d, pushed) {
+                return Outcome {
+                    frames,
+                    error: Some(e),
+                    holds_partial: true,
+                };
+            }
+            let ((), peak) = crate::fuzz::largest_allocation(|| d.push(chunk.clone()));
+            assert!(peak <= bound, "push() allocated {peak} bytes, max {max}");
+            pushed += chunk.len();
+        }
+        let error = drain(&mut d, pushed).err();
+        Outcome {
+            frames,
+            error,
+            holds_partial: !d.is_empty(),
+        }
+    }
+
+    fn random_max(rng: &mut fastrand::Rng) -> usize {
+        match rng.u8(..4) {
+            0 => rng.usize(..4),
+            1 => rng.usize(..5000),
+            _ => rng.usize(..300),
+        }
+    }
+
+    #[test]
+    fn fuzz_random_chunkings_give_the_valid_frames_then_a_clear_error() {
+        for mut case in crate::fuzz::cases("frame chunkings", 20_000) {
+            let rng = &mut case.rng;
+            let max = random_max(rng);
+            let frames: Vec<Bytes> = (0..rng.usize(..12))
+                .map(|_| {
+                    let len = match rng.u8(..4) {
+                        0 => 0,
+                        1 => max,
+                        _ => rng.usize(..=max),
+                    };
+                    Bytes::from((0..len).map(|_| rng.u8(..)).collect::<Vec<u8>>())
+                })
+                .collect();
+            let mut bytes = wire(&frames);
+            let valid = bytes.len();
+            // Then: nothing, a frame cut short, or a header announcing more than `max`.
+            let tail = rng.u8(..3);
+            let announced = match rng.u8(..3) {
+                0 => u32::MAX as usize,
+                1 => max + 1,
+                _ => rng.usize(max + 1..=u32::MAX as usize),
+            };
+            match tail {
+                0 => {}
+                1 => {
+                    let cut = wire(&[Bytes::from(vec![7u8; max])]);
+                    bytes.extend_from_slice(&cut[..rng.usize(1..cut.len())]);
+                }
+                _ => {
+                    bytes.extend_from_slice(&(announced as u32).to_be_bytes());
+                    // Some of its body, or garbage: none of it may be buffered.
+                    bytes.extend(crate::fuzz::bytes(rng, 2 * max + 2));
+                }
+            }
+            let chunks = random_chunks(rng, &bytes);
+            let out = feed(&chunks, max);
+            assert_eq!(out.frames, frames, "max {max}, tail {tail}");
+            match tail {
+                0 => assert!(out.error.is_none() && !out.holds_partial),
+                1 => assert!(
+                    out.error.is_none() && out.holds_partial,
+                    "truncation unseen"
+                ),
+                _ => {
+                    let (error, pushed) = out.error.expect("oversize header accepted");
+                    assert_eq!(
+                        error,
+                        TransportError::FrameTooLarge {
+                            size: announced as u64,
+                            max
+                        }
+                    );
+                    assert!(!error.to_string().is_empty());
+                    // Refused as soon as its 4 bytes arrived: no chunk after that one was read.
+                    let header_end = valid + 4;
+                    let mut end = 0;
+                    let chunk_end = chunks
+                        .iter()
+                        .map(|c| {
+                            end += c.len();
+                            end
+                        })
+                        .find(|&e| e >= header_end)
+                        .expect("the header is in the stream");
+                    assert!(
+                        pushed <= chunk_end,
+                        "read {pushed} bytes, header done at {chunk_end}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_random_streams_are_cut_exactly_as_their_headers_say() {
+        for mut case in crate::fuzz::cases("frame garbage", 20_000) {
+            let rng = &mut case.rng;
+            let max = random_max(rng);
+            let mut bytes = crate::fuzz::bytes(rng, 4096);
+            // Small lengths now and then, so that some frames are valid.
+            for _ in 0..rng.usize(..4) {
+                let at = rng.usize(..=bytes.len());
+                let len = rng.u32(..=(max as u32).saturating_add(2));
+                bytes.splice(at..at, len.to_be_bytes());
+            }
+            let out = feed(&random_chunks(rng, &bytes), max);
+            // The model: frames one after the other, each as its header says.
+            let mut at = 0;
+            for f in &out.frames {
+                assert_eq!(be_len(&bytes[at..]), f.len());
+                assert_eq!(&bytes[at + 4..at + 4 + f.len()], &f[..]);
+                at += 4 + f.len();
+            }
+            let rest = &bytes[at..];
+            match out.error {
+                Some((TransportError::FrameTooLarge { size, max: m }, _)) => {
+                    assert_eq!((size, m), (be_len(rest) as u64, max));
+                    assert!(size as usize > max);
+                }
+                Some((e, _)) => panic!("unexpected error {e}"),
+                None if rest.is_empty() => assert!(!out.holds_partial),
+                None => {
+                    assert!(out.holds_partial, "{} bytes left unseen", rest.len());
+                    assert!(rest.len() < 4 || rest.len() < 4 + be_len(rest));
+                    assert!(rest.len() < 4 || be_len(rest) <= max);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_check_refuses_exactly_the_batches_with_an_oversize_frame() {
+        for mut case in crate::fuzz::cases("frame check", 20_000) {
+            let rng = &mut case.rng;
+            let max = random_max(rng);
+            let frames: Vec<Bytes> = (0..rng.usize(..6))
+                .map(|_| Bytes::from(vec![0u8; rng.usize(..=max + 2)]))
+                .collect();
+            match (check(&frames, max), frames.iter().find(|f| f.len() > max)) {
+                (Ok(()), None) => {}
+                (Err(TransportError::FrameTooLarge { size, max: m }), Some(f)) => {
+                    assert_eq!((size, m), (f.len() as u64, max));
+                }
+                (res, first) => panic!("{res:?} for first oversize {:?}", first.map(Bytes::len)),
+            }
+        }
+    }
 }
