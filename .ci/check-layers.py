@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Imports run downward only (DESIGN.md §3): each module of the library may use modules of its
-own layer or below, never above. Test-only code (`tests.rs`, `suite.rs`, `#[cfg(test)]`
-modules) is exempt. Prints the module graph with `--graph`.
+own layer or below, never above. Test-only code (`tests.rs`, `suite.rs`, `fuzz.rs`,
+`#[cfg(test)]` modules) is exempt. Prints the module graph with `--graph`.
 """
 import pathlib
 import re
@@ -64,7 +64,7 @@ def used_modules(text):
 errors, graph = [], {}
 for path in sorted(src.rglob("*.rs")):
     rel = path.relative_to(src)
-    if rel.name in ("tests.rs", "suite.rs"):
+    if rel.name in ("tests.rs", "suite.rs", "fuzz.rs"):  # test-only modules
         continue
     module = "lib" if rel.parts[0] == "lib.rs" else rel.parts[0].removesuffix(".rs")
     if module not in layer_of:

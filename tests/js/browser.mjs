@@ -8,7 +8,15 @@ const [a, b, screenshot] = process.argv.slice(2);
 const browser = await puppeteer.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   headless: true,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    // Two pages at once: neither may be throttled as a background tab.
+    "--disable-background-timer-throttling",
+    "--disable-backgrounding-occluded-windows",
+    "--disable-renderer-backgrounding",
+  ],
 });
 try {
   const connected = () => document.getElementById("who").textContent.startsWith("You are");
@@ -16,8 +24,8 @@ try {
   await pa.goto(a + "/");
   const pb = await browser.newPage();
   await pb.goto(b + "/");
-  await pa.waitForFunction(connected, { polling: 100, timeout: 10000 });
-  await pb.waitForFunction(connected, { polling: 100, timeout: 10000 });
+  await pa.waitForFunction(connected, { polling: 100, timeout: 30000 });
+  await pb.waitForFunction(connected, { polling: 100, timeout: 30000 });
   console.log("ok pages connected");
 
   // Background tabs get no animation frames: the waits poll on a timer instead.
@@ -26,21 +34,21 @@ try {
   await pa.keyboard.press("Enter");
   await pb.waitForFunction(
     () => [...document.querySelectorAll("#log p")].some((p) => p.textContent.includes("hello from a browser")),
-    { polling: 100, timeout: 10000 },
+    { polling: 100, timeout: 30000 },
   );
   console.log("ok chat across nodes");
   // The live line: this node and its members.
   await pb.waitForFunction(() => /2 other node\(s\) live/.test(document.getElementById("mesh").textContent), {
-    polling: 100, timeout: 10000,
+    polling: 100, timeout: 30000,
   });
   console.log("ok members line");
 
   const pt = await browser.newPage();
   await pt.setViewport({ width: 1280, height: 720 });
   await pt.goto(a + "/topology");
-  await pt.waitForFunction(() => document.querySelectorAll("#map circle").length === 3, { polling: 100, timeout: 10000 });
+  await pt.waitForFunction(() => document.querySelectorAll("#map circle").length === 3, { polling: 100, timeout: 30000 });
   await pt.waitForFunction(() => document.getElementById("status").textContent.startsWith("ready"), {
-    polling: 100, timeout: 10000,
+    polling: 100, timeout: 30000,
   });
   console.log("ok topology");
   if (screenshot) await pt.screenshot({ path: screenshot, fullPage: true });
