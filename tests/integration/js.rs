@@ -9,35 +9,76 @@ use socketioxide_mesh::TransportKind;
 
 use crate::{common::*, process::*};
 
-async fn run_interop(kind: TransportKind, parser: &str) -> anyhow::Result<()> {
-    logs();
+/// The JS test folder, once `npm ci --prefix tests/js` installed `package` there.
+fn js_dir(package: &str) -> anyhow::Result<PathBuf> {
     let js = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
     anyhow::ensure!(
-        js.join("node_modules/socket.io-client").exists(),
-        "the JS client is not installed: run `npm ci --prefix tests/js` (.ci/run does)"
+        js.join("node_modules").join(package).exists(),
+        "{package} is not installed: run `npm ci --prefix tests/js` (.ci/run does)"
     );
-    let ca = socketioxide_mesh::DevCa::generate("js CA")?;
-    let certs = TempDir::new("js");
-    let env = [("MESH_CLUSTER_ID", "js"), ("SIO_PARSER", parser)];
-    let nodes = spawn_cluster(kind, &ca, &certs.0, 3, &env).await?;
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.current_dir(&js).arg("interop.mjs");
-    if parser == "msgpack" {
-        cmd.arg("--msgpack");
-    }
-    for node in &nodes {
-        cmd.arg(format!("http://{}", node.http));
-    }
-    let out = tokio::time::timeout(WAIT * 3, cmd.output())
-        .await
-        .context("the JS client did not finish")?
-        .context("run node (is Node.js installed?)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    Ok(js)
+}
+
+/// `n` node processes of cluster `tag` (with `env`), their certificates in a temporary folder.
+async fn node_processes(
+    kind: TransportKind,
+    tag: &str,
+    n: usize,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(TempDir, Vec<ProcNode>)> {
+    logs();
+    let ca = socketioxide_mesh::DevCa::generate(&format!("{tag} CA"))?;
+    let certs = TempDir::new(tag);
+    let mut env = env.to_vec();
+    env.push(("MESH_CLUSTER_ID", tag));
+    let nodes = spawn_cluster(kind, &ca, &certs.0, n, &env).await?;
+    Ok((certs, nodes))
+}
+
+/// Run `node <script> <args>` in the JS folder; its standard output, once it succeeded and
+/// printed every line of `steps`.
+async fn run_node_script(
+    js: &PathBuf,
+    script: &str,
+    args: Vec<String>,
+    steps: &[&str],
+) -> anyhow::Result<String> {
+    let out = tokio::time::timeout(
+        WAIT * 6,
+        tokio::process::Command::new("node")
+            .current_dir(js)
+            .arg(script)
+            .args(args)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("{script} did not finish"))?
+    .context("run node (is Node.js installed?)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     anyhow::ensure!(
         out.status.success(),
-        "JS interop failed with the {parser} parser:\n{stdout}"
+        "{script} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    for step in steps {
+        assert!(stdout.contains(step), "{step} missing:\n{stdout}");
+    }
+    Ok(stdout)
+}
+
+fn urls(nodes: &[ProcNode]) -> Vec<String> {
+    nodes.iter().map(|n| format!("http://{}", n.http)).collect()
+}
+
+async fn run_interop(kind: TransportKind, parser: &str) -> anyhow::Result<()> {
+    let js = js_dir("socket.io-client")?;
+    let (_certs, nodes) = node_processes(kind, "js", 3, &[("SIO_PARSER", parser)]).await?;
+    let mut args = Vec::new();
+    if parser == "msgpack" {
+        args.push("--msgpack".to_string());
+    }
+    args.extend(urls(&nodes));
+    let stdout = run_node_script(&js, "interop.mjs", args, &[]).await?;
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
         7,
@@ -50,35 +91,10 @@ async fn run_interop(kind: TransportKind, parser: &str) -> anyhow::Result<()> {
 /// into the binary, so the page works offline), driven from Node.js against two node
 /// processes: it connects, chats across the mesh, gets an ack, and answers a server's question.
 async fn page_client_works_across_the_mesh(kind: TransportKind) -> anyhow::Result<()> {
-    logs();
-    let js = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
-    anyhow::ensure!(
-        js.join("node_modules/ws").exists(),
-        "the JS test packages are not installed: run `npm ci --prefix tests/js` (.ci/run does)"
-    );
-    let ca = socketioxide_mesh::DevCa::generate("page CA")?;
-    let certs = TempDir::new("page");
-    let nodes = spawn_cluster(kind, &ca, &certs.0, 2, &[("MESH_CLUSTER_ID", "page")]).await?;
-    let out = tokio::time::timeout(
-        WAIT * 3,
-        tokio::process::Command::new("node")
-            .current_dir(&js)
-            .arg("page-client.mjs")
-            .args(nodes.iter().map(|n| format!("http://{}", n.http)))
-            .output(),
-    )
-    .await
-    .context("the page client did not finish")?
-    .context("run node (is Node.js installed?)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(
-        out.status.success(),
-        "the page client failed:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for step in ["ok connected", "ok chat", "ok fetch", "ok question"] {
-        assert!(stdout.contains(step), "{step} missing:\n{stdout}");
-    }
+    let js = js_dir("ws")?;
+    let (_certs, nodes) = node_processes(kind, "page", 2, &[]).await?;
+    let steps = ["ok connected", "ok chat", "ok fetch", "ok question"];
+    run_node_script(&js, "page-client.mjs", urls(&nodes), &steps).await?;
     Ok(())
 }
 
@@ -87,44 +103,26 @@ async fn page_client_works_across_the_mesh(kind: TransportKind) -> anyhow::Resul
 /// appears on another's; the live members line and the topology page show every node.
 /// `MESH_SCREENSHOT=path.png` saves the topology page (the README's picture).
 async fn demo_pages_work_in_a_browser(kind: TransportKind) -> anyhow::Result<()> {
-    logs();
-    let js = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    let js = js_dir("puppeteer-core")?;
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     anyhow::ensure!(
-        std::path::Path::new(&chromium).exists() && js.join("node_modules/puppeteer-core").exists(),
-        "needs Chromium at {chromium} (Debian package `chromium`) and `npm ci --prefix tests/js`: .ci/run installs both"
+        std::path::Path::new(&chromium).exists(),
+        "needs Chromium at {chromium} (Debian package `chromium`): .ci/run installs it"
     );
-    let ca = socketioxide_mesh::DevCa::generate("browser CA")?;
-    let certs = TempDir::new("browser");
-    let nodes = spawn_cluster(kind, &ca, &certs.0, 3, &[("MESH_CLUSTER_ID", "browser")]).await?;
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.current_dir(&js)
-        .arg("browser.mjs")
-        .arg(format!("http://{}", nodes[0].http))
-        .arg(format!("http://{}", nodes[1].http));
+    let (_certs, nodes) = node_processes(kind, "browser", 3, &[]).await?;
+    let mut args = urls(&nodes[..2]);
     if let Ok(path) = std::env::var("MESH_SCREENSHOT")
         && kind == TransportKind::Quic
     {
-        cmd.arg(path);
+        args.push(path);
     }
-    let out = tokio::time::timeout(WAIT * 6, cmd.output())
-        .await
-        .context("the browser test did not finish")?
-        .context("run node")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(
-        out.status.success(),
-        "the browser test failed:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for step in [
+    let steps = [
         "ok pages connected",
         "ok chat across nodes",
         "ok members line",
         "ok topology",
-    ] {
-        assert!(stdout.contains(step), "{step} missing:\n{stdout}");
-    }
+    ];
+    run_node_script(&js, "browser.mjs", args, &steps).await?;
     Ok(())
 }
 
