@@ -42,19 +42,30 @@
 //!
 //! # Layout
 //!
+//! Imports run downward only, layer by layer (checked in CI by `.ci/check-layers.py`):
+//!
 //! ```text
-//! SocketIo ──► MeshAdapter<E> (one per namespace, adapter.rs)
+//! SocketIo ──► MeshAdapter<E> (one per namespace)              adapter.rs
 //!                   │ commands / requests
 //!                   ▼
-//!              Mesh (one per process, mesh/)
-//!   membership.rs  chitchat gossip + failure detector, carried on the peer connections
-//!   peers.rs       sans-IO peer table: who to dial, which connection, backoff
-//!   answers.rs     sans-IO answer tracking: who a request still waits for (I/O: mesh/request.rs)
-//!   wire.rs        the peer protocol (MessagePack, versioned, append-only tags)
-//!   seed/          where the first peers come from (pluggable SeedSource)
+//!              Mesh (one per process)                          mesh/, telemetry.rs, topology.rs
+//!   handle, shared state, counters, server events, the driver task, peer connections,
+//!   per-peer batching links, requests (I/O), routing snapshot
+//!                   │
+//!   config.rs      MeshConfig, from code or the environment
+//!                   │
+//!   membership.rs  gossip + failure detector (chitchat, confined here), on the peer links
+//!   seed/          where the first peers come from (pluggable SeedSource; discovery API)
 //!   transport/     authenticated frames on multiplexed streams: quic, ws, mem (tests);
 //!                  batched writes, zero-copy frame decoding, system calls counted
-//!   tls.rs         mutual TLS material, dev CA
+//!                   │
+//!   peers.rs       sans-IO peer table: who to dial, which connection, dead members
+//!   answers.rs     sans-IO answer tracking: who a request still waits for
+//!                   │
+//!   wire.rs        the peer protocol (MessagePack, versioned, append-only tags, close codes)
+//!   tls.rs         mutual TLS material, the node identity check, dev CA (tls/dev.rs)
+//!   incidents.rs   refusals and losses: exact counts, rate-limited logs
+//!   error.rs, backoff.rs
 //! ```
 //!
 //! # How a broadcast travels
