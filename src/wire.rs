@@ -385,11 +385,24 @@ impl<'de> Deserialize<'de> for WirePacket {
     }
 }
 
+/// A value serde cannot represent in MessagePack (never one of the protocol's own types; a
+/// user's payload, say). The wire's own error, converted into the crate's `Error` where it
+/// reaches the API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct EncodeError(pub String);
+
+impl From<EncodeError> for crate::Error {
+    fn from(e: EncodeError) -> Self {
+        crate::Error::Encode(e.0)
+    }
+}
+
 /// Encode a message. Fails only on values serde cannot represent (never for our types).
-pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Bytes, crate::Error> {
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Bytes, EncodeError> {
     rmp_serde::to_vec(msg)
         .map(Bytes::from)
-        .map_err(|e| crate::Error::Encode(e.to_string()))
+        .map_err(|e| EncodeError(e.to_string()))
 }
 
 /// Arrays and maps nest at most this deep in a message (a broadcast's binary attachments are
@@ -487,8 +500,8 @@ pub(crate) fn decode_shared<T: DeserializeOwned>(frame: &Bytes) -> Result<T, Pee
     decode(frame)
 }
 
-fn hello_frame<T: Serialize>(msg: &T) -> Result<Bytes, crate::Error> {
-    let body = rmp_serde::to_vec(msg).map_err(|e| crate::Error::Encode(e.to_string()))?;
+fn hello_frame<T: Serialize>(msg: &T) -> Result<Bytes, EncodeError> {
+    let body = rmp_serde::to_vec(msg).map_err(|e| EncodeError(e.to_string()))?;
     let mut out = BytesMut::with_capacity(6 + body.len());
     out.put_slice(&MAGIC);
     out.put_u16(PROTOCOL_VERSION);
@@ -517,7 +530,7 @@ fn hello_body(frame: &[u8]) -> Result<&[u8], PeerError> {
     Ok(&frame[6..])
 }
 
-pub(crate) fn encode_hello(hello: &Hello) -> Result<Bytes, crate::Error> {
+pub(crate) fn encode_hello(hello: &Hello) -> Result<Bytes, EncodeError> {
     hello_frame(hello)
 }
 
@@ -525,7 +538,7 @@ pub(crate) fn decode_hello(frame: &[u8]) -> Result<Hello, PeerError> {
     decode(hello_body(frame)?)
 }
 
-pub(crate) fn encode_hello_reply(reply: &HelloReply) -> Result<Bytes, crate::Error> {
+pub(crate) fn encode_hello_reply(reply: &HelloReply) -> Result<Bytes, EncodeError> {
     hello_frame(reply)
 }
 
