@@ -72,6 +72,10 @@ const PATH: &str = "/sio-mesh";
 pub(crate) const WINDOW: u32 = 512 * 1024;
 /// Mux messages queued for the socket writer; senders wait beyond (TCP backpressure).
 const OUT_QUEUE: usize = 256;
+/// Control messages (credit, reset, close) waiting for the writer, at most. They are small and
+/// go first; a full queue means the peer keeps sending (opening streams, say) while reading
+/// nothing of ours: it is cut off rather than queued for without bound.
+const CTRL_QUEUE: usize = 4096;
 /// Close codes travel as WebSocket close codes in the private range 4000-4999.
 const WS_CODE_BASE: u16 = 4000;
 
@@ -435,7 +439,7 @@ struct Inner {
     data_frames: bool,
     next_id: AtomicU32,
     out: mpsc::Sender<Out>,
-    ctrl: mpsc::UnboundedSender<Message>,
+    ctrl: mpsc::Sender<Message>,
     streams: Mutex<HashMap<u32, Entry>>,
     accept_bi: AsyncMutex<mpsc::Receiver<(WsSend, WsRecv)>>,
     accept_uni: AsyncMutex<mpsc::Receiver<WsRecv>>,
@@ -477,8 +481,18 @@ impl Inner {
     }
 
     fn control(&self, kind: u8, id: u32, payload: &[u8]) {
-        // The writer may be gone (connection closed): nothing to tell then.
-        let _ = self.ctrl.send(mux(kind, id, payload));
+        match self.ctrl.try_send(mux(kind, id, payload)) {
+            // The writer may be gone (connection closed): nothing to tell then.
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.counters.protocol.fetch_add(1, Ordering::Relaxed);
+                warn!(remote = %self.remote, "peer reads nothing of ours while it keeps sending: closing");
+                self.set_closed(TransportError::Closed {
+                    code: Some(CloseCode::Protocol),
+                    reason: "control queue full: the peer does not read".into(),
+                });
+            }
+        }
     }
 
     /// Close on a protocol violation by the peer.
@@ -498,7 +512,8 @@ impl Inner {
             code: WsCloseCode::from(WS_CODE_BASE + code as u16),
             reason: reason[..end].into(),
         };
-        let _ = self.ctrl.send(Message::Close(Some(frame)));
+        // A full queue: the writer stops on the closed state without the frame.
+        let _ = self.ctrl.try_send(Message::Close(Some(frame)));
         self.set_closed(TransportError::Closed {
             code: None,
             reason: "closed locally".into(),
@@ -576,7 +591,7 @@ impl WsConn {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-        let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
+        let (ctrl_tx, ctrl_rx) = mpsc::channel(CTRL_QUEUE);
         let (bi_tx, bi_rx) = mpsc::channel(settings.max_concurrent_streams as usize);
         let (uni_tx, uni_rx) = mpsc::channel(16);
         let (closed, _) = watch::channel(None);
@@ -741,7 +756,7 @@ async fn write_loop<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     inner: Arc<Inner>,
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
     mut out: mpsc::Receiver<Out>,
-    mut ctrl: mpsc::UnboundedReceiver<Message>,
+    mut ctrl: mpsc::Receiver<Message>,
     keep_alive: Duration,
 ) {
     let mut ping = tokio::time::interval(keep_alive);
@@ -758,6 +773,8 @@ async fn write_loop<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             Some(m) = ctrl.recv() => Out::Msg(m),
             Some(o) = out.recv() => o,
             _ = ping.tick() => Out::Msg(Message::Ping(Bytes::new())),
+            // Closed here (queued close frames were taken above first): stop writing.
+            _ = inner.wait_closed() => break,
             else => break,
         });
         let (mut fed, mut closing) = (0, false);
@@ -1490,6 +1507,70 @@ mod fuzz_tests {
             _endpoint: endpoint,
             nonce: 0,
         }
+    }
+
+    /// A peer that opens streams without end and reads nothing of ours: the connection's
+    /// answers (resets of the streams over the limit) cannot leave, and instead of queueing
+    /// them without bound the connection cuts the peer off, with a reason.
+    #[tokio::test]
+    async fn a_peer_that_sends_without_reading_is_cut_off_not_queued_for() {
+        // Small pipes: the connection's writes block once 4 KiB wait unread.
+        let (to_conn_tx, to_conn_rx) = tokio::io::duplex(4 * 1024);
+        let (to_peer_tx, _to_peer_rx_never_read) = tokio::io::duplex(4 * 1024);
+        let ws = WebSocketStream::from_raw_socket(
+            tokio::io::join(to_conn_rx, to_peer_tx),
+            tungstenite::protocol::Role::Server,
+            Some(ws_config(MAX_FRAME)),
+        )
+        .await;
+        let mut peer = WebSocketStream::from_raw_socket(
+            tokio::io::join(tokio::io::empty(), to_conn_tx),
+            tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        let settings = TransportSettings {
+            incidents: Default::default(),
+            max_frame_size: MAX_FRAME,
+            max_concurrent_streams: 4,
+            keep_alive_interval: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let counters = Arc::new(Counters::default());
+        let (_endpoint, endpoint_rx) = watch::channel(false);
+        let remote = SocketAddr::from(([127, 0, 0, 1], 9));
+        let conn = WsConn::start_over(
+            ws,
+            true,
+            remote,
+            false,
+            &settings,
+            counters.clone(),
+            endpoint_rx,
+        );
+        // Stream ids of the dialer's parity; every one over 2 × 4 open is refused with a reset.
+        let mut sent = 0u32;
+        while conn.inner.closed_error().is_none() {
+            assert!(
+                sent < 4 * CTRL_QUEUE as u32,
+                "{sent} opens and still not cut off"
+            );
+            let id = 2 * sent + 1;
+            if peer.send(mux(OPEN_UNI, id, &[])).await.is_err() {
+                break;
+            }
+            sent += 1;
+            if sent.is_multiple_of(256) {
+                tokio::task::yield_now().await;
+            }
+        }
+        let err = conn.inner.wait_closed().await;
+        assert!(
+            err.to_string().contains("does not read"),
+            "closed for another reason: {err}"
+        );
+        assert_eq!(counters.protocol.load(Ordering::Relaxed), 1);
     }
 
     impl Harness {

@@ -52,6 +52,21 @@ try {
   });
   console.log("ok topology");
   if (screenshot) await pt.screenshot({ path: screenshot, fullPage: true });
+} catch (e) {
+  // What each page showed, to tell a slow machine from a broken page.
+  for (const page of await browser.pages()) {
+    const state = await page
+      .evaluate(() => ({
+        url: location.href,
+        who: document.getElementById("who")?.textContent,
+        mesh: document.getElementById("mesh")?.textContent,
+        status: document.getElementById("status")?.textContent,
+        log: [...document.querySelectorAll("#log p")].map((p) => p.textContent),
+      }))
+      .catch((err) => String(err));
+    console.log("page state:", JSON.stringify(state));
+  }
+  throw e;
 } finally {
   await browser.close();
 }
