@@ -48,7 +48,6 @@ impl Gather {
         self.pending.iter()
     }
 
-    #[cfg(test)]
     /// How many peers failed.
     pub(crate) fn failures(&self) -> usize {
         self.failed

@@ -60,8 +60,7 @@ pub(crate) struct Outgoing {
     /// What is asked, for the latency histogram (`fetch_sockets`, `rooms`...).
     kind: &'static str,
     started: Instant,
-    /// Peers that failed, and whether one of them by the timeout.
-    failed: bool,
+    /// Whether a peer failed by the timeout (the failures themselves: `gather`).
     timed_out: bool,
     rx: mpsc::Receiver<PeerEvent>,
     gather: Gather,
@@ -91,7 +90,6 @@ impl Shared {
         let mut out = Outgoing {
             kind,
             started,
-            failed: false,
             timed_out: false,
             rx,
             gather: Gather::new(targets.iter().map(|l| l.node)),
@@ -223,7 +221,6 @@ impl Outgoing {
                         .request_peer_failures
                         .fetch_add(1, Ordering::Relaxed);
                     debug!(peer = %self.uid_of(node), error = %e, "peer failed to answer a request");
-                    self.failed = true;
                     self.timed_out |= matches!(&e, PeerError::Transport(t) if t == TIMED_OUT);
                     self.gather.failed(node);
                 }
@@ -263,7 +260,7 @@ impl Drop for Outgoing {
             "abandoned"
         } else if self.timed_out {
             "timeout"
-        } else if self.failed {
+        } else if self.gather.failures() > 0 {
             "peer_failed"
         } else {
             "answered"

@@ -303,11 +303,10 @@ impl Shared {
         frame: Bytes,
         volatile: bool,
     ) {
+        let mut queued = 0;
         for link in links {
             match link.enqueue(frame.clone(), volatile) {
-                Ok(()) => {
-                    self.stats.queued_by_kind[kind].fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(()) => queued += 1,
                 Err(EnqueueError::Full) if volatile => {
                     self.stats.volatile_dropped.fetch_add(1, Ordering::Relaxed);
                     self.transport.incidents().note_loss(
@@ -324,6 +323,7 @@ impl Shared {
                 Err(EnqueueError::Gone) => {}
             }
         }
+        self.stats.queued_by_kind[kind].fetch_add(queued, Ordering::Relaxed);
     }
 
     pub(crate) fn ns_handler(&self, ns: &str) -> Option<Arc<dyn NsHandler>> {

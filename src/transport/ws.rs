@@ -761,6 +761,7 @@ async fn write_loop<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 ) {
     let mut ping = tokio::time::interval(keep_alive);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closed = inner.closed.subscribe();
     let fail = |e: tungstenite::Error| {
         inner.set_closed(TransportError::Closed {
             code: None,
@@ -774,7 +775,7 @@ async fn write_loop<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             Some(o) = out.recv() => o,
             _ = ping.tick() => Out::Msg(Message::Ping(Bytes::new())),
             // Closed here (queued close frames were taken above first): stop writing.
-            _ = inner.wait_closed() => break,
+            _ = closed.wait_for(Option::is_some) => break,
             else => break,
         });
         let (mut fed, mut closing) = (0, false);
@@ -1438,12 +1439,24 @@ mod fuzz_tests {
         nonce: u64,
     }
 
-    async fn harness(dialer: bool, max_streams: u32) -> Harness {
+    /// A connection over in-memory pipes of `pipe` bytes, and the peer's sending WebSocket.
+    /// Returns the pipe carrying what the connection writes, for the caller to read (or not).
+    async fn conn_over_pipes(
+        pipe: usize,
+        dialer: bool,
+        max_streams: u32,
+    ) -> (
+        WsConn,
+        Arc<Counters>,
+        watch::Sender<bool>,
+        PeerWs,
+        DuplexStream,
+    ) {
         // One pipe each way (duplex pipes: writes fail once the reading end is dropped), and
         // the peer's two directions on two WebSocket objects: the peer's writes failing once
         // the connection is gone must not keep it from reading the close frame sent before.
-        let (to_conn_tx, to_conn_rx) = tokio::io::duplex(64 * 1024);
-        let (to_peer_tx, to_peer_rx) = tokio::io::duplex(64 * 1024);
+        let (to_conn_tx, to_conn_rx) = tokio::io::duplex(pipe);
+        let (to_peer_tx, to_peer_rx) = tokio::io::duplex(pipe);
         let ws = WebSocketStream::from_raw_socket(
             tokio::io::join(to_conn_rx, to_peer_tx),
             tungstenite::protocol::Role::Server,
@@ -1452,12 +1465,6 @@ mod fuzz_tests {
         .await;
         let peer = WebSocketStream::from_raw_socket(
             tokio::io::join(tokio::io::empty(), to_conn_tx),
-            tungstenite::protocol::Role::Client,
-            None,
-        )
-        .await;
-        let mut from_conn = WebSocketStream::from_raw_socket(
-            tokio::io::join(to_peer_rx, tokio::io::sink()),
             tungstenite::protocol::Role::Client,
             None,
         )
@@ -1482,6 +1489,18 @@ mod fuzz_tests {
             counters.clone(),
             endpoint_rx,
         );
+        (conn, counters, endpoint, peer, to_peer_rx)
+    }
+
+    async fn harness(dialer: bool, max_streams: u32) -> Harness {
+        let (conn, counters, endpoint, peer, to_peer_rx) =
+            conn_over_pipes(64 * 1024, dialer, max_streams).await;
+        let mut from_conn = WebSocketStream::from_raw_socket(
+            tokio::io::join(to_peer_rx, tokio::io::sink()),
+            tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
         tasks.spawn(async move {
@@ -1514,41 +1533,10 @@ mod fuzz_tests {
     /// them without bound the connection cuts the peer off, with a reason.
     #[tokio::test]
     async fn a_peer_that_sends_without_reading_is_cut_off_not_queued_for() {
-        // Small pipes: the connection's writes block once 4 KiB wait unread.
-        let (to_conn_tx, to_conn_rx) = tokio::io::duplex(4 * 1024);
-        let (to_peer_tx, _to_peer_rx_never_read) = tokio::io::duplex(4 * 1024);
-        let ws = WebSocketStream::from_raw_socket(
-            tokio::io::join(to_conn_rx, to_peer_tx),
-            tungstenite::protocol::Role::Server,
-            Some(ws_config(MAX_FRAME)),
-        )
-        .await;
-        let mut peer = WebSocketStream::from_raw_socket(
-            tokio::io::join(tokio::io::empty(), to_conn_tx),
-            tungstenite::protocol::Role::Client,
-            None,
-        )
-        .await;
-        let settings = TransportSettings {
-            incidents: Default::default(),
-            max_frame_size: MAX_FRAME,
-            max_concurrent_streams: 4,
-            keep_alive_interval: Duration::from_secs(3600),
-            idle_timeout: Duration::from_secs(3600),
-            connect_timeout: Duration::from_secs(5),
-        };
-        let counters = Arc::new(Counters::default());
-        let (_endpoint, endpoint_rx) = watch::channel(false);
-        let remote = SocketAddr::from(([127, 0, 0, 1], 9));
-        let conn = WsConn::start_over(
-            ws,
-            true,
-            remote,
-            false,
-            &settings,
-            counters.clone(),
-            endpoint_rx,
-        );
+        // Small pipes, and nobody reads what the connection writes: its writes block once
+        // 4 KiB wait unread.
+        let (conn, counters, _endpoint, mut peer, _never_read) =
+            conn_over_pipes(4 * 1024, false, 4).await;
         // Stream ids of the dialer's parity; every one over 2 × 4 open is refused with a reset.
         let mut sent = 0u32;
         while conn.inner.closed_error().is_none() {

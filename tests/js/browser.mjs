@@ -28,10 +28,16 @@ try {
   await pb.waitForFunction(connected, { polling: 100, timeout: 30000 });
   console.log("ok pages connected");
 
-  // Background tabs get no animation frames: the waits poll on a timer instead.
-  await pa.bringToFront();
-  await pa.type("#msg", "hello from a browser");
-  await pa.keyboard.press("Enter");
+  // Fill the form and submit it as the page's own handler expects (synthetic keystrokes to a
+  // background tab got lost on a loaded machine).
+  await pa.$eval("#msg", (el) => {
+    el.value = "hello from a browser";
+  });
+  await pa.$eval("#form", (form) => form.requestSubmit());
+  await pa.waitForFunction(
+    () => [...document.querySelectorAll("#log p")].some((p) => p.textContent === "me: hello from a browser"),
+    { polling: 100, timeout: 30000 },
+  );
   await pb.waitForFunction(
     () => [...document.querySelectorAll("#log p")].some((p) => p.textContent.includes("hello from a browser")),
     { polling: 100, timeout: 30000 },
