@@ -38,6 +38,7 @@ try {
     () => [...document.querySelectorAll("#log p")].some((p) => p.textContent === "me: hello from a browser"),
     { polling: 100, timeout: 30000 },
   );
+  await pb.bringToFront();
   await pb.waitForFunction(
     () => [...document.querySelectorAll("#log p")].some((p) => p.textContent.includes("hello from a browser")),
     { polling: 100, timeout: 30000 },
@@ -71,6 +72,11 @@ try {
       }))
       .catch((err) => String(err));
     console.log("page state:", JSON.stringify(state));
+  }
+  // And the nodes' own counters (commands received, drops...).
+  for (const url of [a, b]) {
+    const mesh = await fetch(url + "/mesh").then((r) => r.json()).catch((err) => String(err));
+    console.log("node state:", url, JSON.stringify(mesh));
   }
   throw e;
 } finally {
