@@ -2,7 +2,10 @@
 // offline (no CDN, no npm install): Engine.IO v4 over WebSocket only, Socket.IO protocol v5,
 // the default namespace, the JSON parser. Enough for the chat: `io()`, `socket.id`,
 // `socket.on(event, fn)` (with an ack callback when the server asks for one),
-// `socket.emit(event, ...args, [ack])`, and reconnection with backoff.
+// `socket.emit(event, ...args, [ack])`, and reconnection with backoff. As the official client
+// does, events emitted while not connected wait in a (bounded) buffer and leave once the
+// server has accepted the namespace connect: a Socket.IO server closes a session that sends an
+// event before that (the page's first status request used to race the connect under load).
 // Packets: "0{...}" open, "2"/"3" ping/pong, "40" connect, "42[...]" event, "43<id>[...]" ack.
 (function (global) {
   "use strict";
@@ -17,6 +20,9 @@
     let ws = null;
     let retry = 500;
     const socket = { id: undefined, connected: false };
+    // Packets emitted while not connected; the oldest are dropped beyond this many.
+    const MAX_BUFFERED = 100;
+    const buffered = [];
 
     function fire(event, args) {
       for (const fn of handlers[event] || []) fn.apply(socket, args);
@@ -51,6 +57,7 @@
         socket.id = payload && payload.sid;
         socket.connected = true;
         retry = 500;
+        while (buffered.length) send(buffered.shift());
         fire("connect", []);
       } else if (type === "2" && Array.isArray(payload)) { // event
         const args = payload.slice(1);
@@ -98,7 +105,13 @@
         acks[id] = args.pop();
         prefix += id;
       }
-      send(prefix + JSON.stringify([event].concat(args)));
+      const packet = prefix + JSON.stringify([event].concat(args));
+      if (socket.connected) {
+        send(packet);
+      } else {
+        if (buffered.length === MAX_BUFFERED) buffered.shift();
+        buffered.push(packet);
+      }
       return socket;
     };
     socket.close = function () {

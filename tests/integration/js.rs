@@ -89,11 +89,17 @@ async fn run_interop(kind: TransportKind, parser: &str) -> anyhow::Result<()> {
 
 /// The demo page's own client (`examples/common/client.js`, served at `/client.js` and built
 /// into the binary, so the page works offline), driven from Node.js against two node
-/// processes: it connects, chats across the mesh, gets an ack, and answers a server's question.
+/// processes: it connects, answers an event emitted before the connect, chats across the mesh, gets an ack, and answers a server's question.
 async fn page_client_works_across_the_mesh(kind: TransportKind) -> anyhow::Result<()> {
     let js = js_dir("ws")?;
     let (_certs, nodes) = node_processes(kind, "page", 2, &[]).await?;
-    let steps = ["ok connected", "ok chat", "ok fetch", "ok question"];
+    let steps = [
+        "ok connected",
+        "ok early emit",
+        "ok chat",
+        "ok fetch",
+        "ok question",
+    ];
     run_node_script(&js, "page-client.mjs", urls(&nodes), &steps).await?;
     Ok(())
 }

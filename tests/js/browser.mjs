@@ -18,11 +18,46 @@ const browser = await puppeteer.launch({
     "--disable-renderer-backgrounding",
   ],
 });
+// Every page records its WebSocket's life and its errors, printed if the test fails.
+const events = [];
+async function watch(page, name) {
+  page.on("pageerror", (e) => events.push(`${name} pageerror ${e}`));
+  page.on("console", (m) => events.push(`${name} console ${m.type()} ${m.text()}`));
+  await page.evaluateOnNewDocument(() => {
+    const Ws = window.WebSocket;
+    window.__ws = [];
+    const t0 = performance.now();
+    const at = () => Math.round(performance.now() - t0);
+    window.WebSocket = function (url, protocols) {
+      const ws = new Ws(url, protocols);
+      window.__ws.push(`${at()} new`);
+      ws.addEventListener("open", () => window.__ws.push(`${at()} open`));
+      ws.addEventListener("close", (e) => window.__ws.push(`${at()} close ${e.code} ${e.reason}`));
+      ws.addEventListener("error", () => window.__ws.push(`${at()} error`));
+      ws.addEventListener("message", (m) => {
+        if (typeof m.data === "string" && !m.data.startsWith("2") && !m.data.startsWith("43")) {
+          window.__ws.push(`${at()} recv ${m.data.slice(0, 60)}`);
+        }
+      });
+      const send = ws.send.bind(ws);
+      ws.send = (d) => {
+        if (typeof d === "string" && d !== "3" && !d.startsWith("42[\"fetch")) {
+          window.__ws.push(`${at()} send ${d.slice(0, 60)}`);
+        }
+        send(d);
+      };
+      return ws;
+    };
+    window.WebSocket.prototype = Ws.prototype;
+  });
+}
 try {
   const connected = () => document.getElementById("who").textContent.startsWith("You are");
   const pa = await browser.newPage();
+  await watch(pa, "a");
   await pa.goto(a + "/");
   const pb = await browser.newPage();
+  await watch(pb, "b");
   await pb.goto(b + "/");
   await pa.waitForFunction(connected, { polling: 100, timeout: 30000 });
   await pb.waitForFunction(connected, { polling: 100, timeout: 30000 });
@@ -69,10 +104,13 @@ try {
         mesh: document.getElementById("mesh")?.textContent,
         status: document.getElementById("status")?.textContent,
         log: [...document.querySelectorAll("#log p")].map((p) => p.textContent),
+        input: document.getElementById("msg")?.value,
+        ws: window.__ws,
       }))
       .catch((err) => String(err));
     console.log("page state:", JSON.stringify(state));
   }
+  for (const e of events) console.log(e);
   // And the nodes' own counters (commands received, drops...).
   for (const url of [a, b]) {
     const mesh = await fetch(url + "/mesh").then((r) => r.json()).catch((err) => String(err));

@@ -1,6 +1,7 @@
 // The demo page's own Socket.IO client (examples/common/client.js), as served by a node's
-// /client.js, driven from Node.js with the `ws` WebSocket: two clients on two nodes chat, ask
-// for the people connected (an ack), and answer a server's question (an ack the other way).
+// /client.js, driven from Node.js with the `ws` WebSocket: an event emitted before the connect
+// is answered; two clients on two nodes chat, ask for the people connected (an ack), and
+// answer a server's question (an ack the other way).
 // Usage: node page-client.mjs http://node-a http://node-b
 import WebSocket from "ws";
 
@@ -19,8 +20,14 @@ const connected = (s) => new Promise((resolve) => s.on("connect", resolve));
 
 const sa = io(a + "/");
 const sb = io(b + "/");
+// Emitted before the connection is even open: buffered, sent once the server accepted the
+// connect, answered (a Socket.IO server closes a session that sends an event too early).
+const early = new Promise((resolve) => sa.emit("fetch", null, resolve));
 await within(5000, "connect", Promise.all([connected(sa), connected(sb)]));
 console.log("ok connected", sa.id, sb.id);
+const earlyList = await within(5000, "early fetch", early);
+if (!earlyList.some((s) => s.id === sa.id)) throw new Error("early fetch lists " + JSON.stringify(earlyList));
+console.log("ok early emit");
 
 const got = new Promise((resolve) => sb.on("chat", resolve));
 sa.emit("chat", { from: "a", text: "hello across the mesh" });
