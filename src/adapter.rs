@@ -76,16 +76,44 @@ impl<E: SocketEmitter> MeshAdapter<E> {
         let shared = &self.mesh.shared;
         let routes = shared.routes.load();
         let links = routes.targets(opts.server_id);
-        if links.is_empty() {
+        // Interest-based routing: a broadcast to rooms goes only to the peers with members
+        // in one of them (or whose rooms are not known).
+        let filter = (shared.settings.routing
+            && matches!(cmd, CommandRef::Broadcast { .. })
+            && !opts.rooms.is_empty())
+        .then_some(&opts.rooms[..]);
+        let ns = self.ns();
+        let wanted = |link: &&Arc<crate::mesh::Link>| filter.is_none_or(|r| link.wants(ns, r));
+        let targets = links.iter().filter(wanted).count();
+        if targets < links.len() {
+            shared.stats.broadcasts_routed_away.fetch_add(
+                (links.len() - targets) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        if targets == 0 {
             return Ok(());
         }
         let frame = shared.encode_frame(cmd)?;
         shared.send_command(
             crate::mesh::kind_of_ref(cmd),
-            links,
+            links.iter().filter(wanted),
             frame,
             opts.has_flag(BroadcastFlags::Volatile),
         );
+        if let CommandRef::AddSockets { rooms, .. } = cmd
+            && shared.settings.routing
+        {
+            // The peers may gain members in `rooms` once they apply the join: count them
+            // interested until their announcements say they did.
+            for link in links {
+                let seq = link.next_seq();
+                link.interest
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pin(ns, rooms, seq);
+            }
+        }
         Ok(())
     }
 
@@ -346,7 +374,8 @@ impl<E: SocketEmitter> NsHandler for MeshAdapter<E> {
                     debug!(ns = self.ns(), errors = ?e, "some sockets failed to disconnect");
                 }
             }
-            Command::ServerEvent { .. } => {}
+            // Handled by the mesh before a namespace is involved.
+            Command::ServerEvent { .. } | Command::Interest { .. } => {}
         }
     }
 
@@ -402,6 +431,12 @@ impl<E: SocketEmitter> NsHandler for MeshAdapter<E> {
         let mut opts = BroadcastOptions::default();
         opts.add_flag(BroadcastFlags::Broadcast);
         self.local.sockets(opts).len()
+    }
+
+    fn room_names(&self) -> std::collections::HashSet<Room> {
+        let mut all = BroadcastOptions::default();
+        all.add_flag(BroadcastFlags::Broadcast);
+        self.local.rooms(all)
     }
 
     fn local_rooms(&self) -> Vec<(String, usize)> {

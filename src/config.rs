@@ -99,6 +99,9 @@ pub struct MeshConfig {
     pub(crate) peer_queue_bytes: usize,
     pub(crate) slow_peer_timeout: Duration,
     pub(crate) batch_delay: Duration,
+    pub(crate) routing: bool,
+    pub(crate) interest_interval: Duration,
+    pub(crate) max_interest_rooms: usize,
     pub(crate) max_concurrent_streams: u32,
     pub(crate) max_in_flight_requests: usize,
     pub(crate) keep_alive_interval: Duration,
@@ -149,6 +152,9 @@ impl MeshConfig {
             peer_queue_bytes: 64 * 1024 * 1024,
             slow_peer_timeout: Duration::from_secs(10),
             batch_delay: Duration::from_millis(3),
+            routing: false,
+            interest_interval: Duration::from_millis(20),
+            max_interest_rooms: 10_000,
             max_concurrent_streams: 1024,
             max_in_flight_requests: 4096,
             keep_alive_interval: Duration::from_millis(500),
@@ -193,6 +199,9 @@ impl MeshConfig {
     /// | `MESH_SLOW_PEER_TIMEOUT_MS` | a peer accepting nothing this long is cut off | 10000 |
     /// | `MESH_BATCH_DELAY_US` | on a busy link, how long a command may wait to share a write | 3000 |
     /// | `MESH_MAX_IN_FLIGHT` | concurrent outgoing requests | 4096 |
+    /// | `MESH_ROUTING` | `true`/`false`: send a room broadcast only to the nodes with members in its rooms | `false` |
+    /// | `MESH_INTEREST_INTERVAL_MS` | how often this node's rooms are announced when they change | 20 |
+    /// | `MESH_MAX_INTEREST_ROOMS` | rooms announced per namespace, beyond which all are | 10000 |
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -336,6 +345,15 @@ impl MeshConfig {
         if let Some(v) = get("MESH_MAX_IN_FLIGHT") {
             cfg.max_in_flight_requests = parse("MESH_MAX_IN_FLIGHT", v)?;
         }
+        if let Some(v) = get("MESH_ROUTING") {
+            cfg.routing = parse("MESH_ROUTING", v)?;
+        }
+        if let Some(d) = ms("MESH_INTEREST_INTERVAL_MS")? {
+            cfg.interest_interval = d;
+        }
+        if let Some(v) = get("MESH_MAX_INTEREST_ROOMS") {
+            cfg.max_interest_rooms = parse("MESH_MAX_INTEREST_ROOMS", v)?;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -457,6 +475,40 @@ impl MeshConfig {
         self
     }
 
+    /// Interest-based routing: a broadcast to rooms goes only to the nodes with members in one
+    /// of its rooms (each node announces its rooms to its peers), instead of to every node.
+    /// Broadcasts to all sockets, `except`-only and to a socket still go everywhere. Nodes of
+    /// the previous release, and nodes with routing off, neither announce nor filter: they
+    /// get every broadcast, as before.
+    ///
+    /// The price: a room's new member on node B is known to the other nodes only once B
+    /// announced it, within [`with_interest_interval`](Self::with_interest_interval) plus one
+    /// hop. A room broadcast from node A in that window can miss it, unless A made the join
+    /// itself (`io.in(..).join(..)`, `remote_socket.join(..)` from A: exact). socketioxide
+    /// applies `socket.join` without telling the adapter, so B can only notice it by looking.
+    /// Without routing a broadcast reaches every socket that joined before it arrives. See
+    /// the README's "Routing". Default: off.
+    pub fn with_routing(mut self, on: bool) -> Self {
+        self.routing = on;
+        self
+    }
+
+    /// How often this node compares its rooms with what it last announced, and announces the
+    /// changes. Shorter narrows the window after a local `socket.join` (see
+    /// [`with_routing`](Self::with_routing)) at the cost of scanning the rooms more often.
+    /// Default: 20 ms; 1 ms to 10 s.
+    pub fn with_interest_interval(mut self, every: Duration) -> Self {
+        self.interest_interval = every;
+        self
+    }
+
+    /// Rooms announced per namespace at most; beyond, the node announces "every room" of that
+    /// namespace (it gets all its room broadcasts, as without routing). Default: 10,000.
+    pub fn with_max_interest_rooms(mut self, n: usize) -> Self {
+        self.max_interest_rooms = n;
+        self
+    }
+
     /// How many request streams may be open at once on one peer connection, in each direction.
     /// Default: 1024.
     pub fn with_max_concurrent_streams(mut self, n: u32) -> Self {
@@ -558,6 +610,7 @@ impl MeshConfig {
             s(3600),
         )?;
         range("batch_delay", self.batch_delay, Duration::ZERO, ms(100))?;
+        range("interest_interval", self.interest_interval, ms(1), s(10))?;
         range("connect_timeout", self.connect_timeout, ms(10), s(600))?;
         range("reconnect_min", self.reconnect_min, ms(1), s(60))?;
         range(
@@ -593,6 +646,7 @@ impl MeshConfig {
         };
         count("max_frame_size", self.max_frame_size, 64 * 1024, 1 << 30)?;
         count("peer_queue_len", self.peer_queue_len, 1, 1 << 24)?;
+        count("max_interest_rooms", self.max_interest_rooms, 0, 1 << 20)?;
         count(
             "peer_queue_bytes",
             self.peer_queue_bytes,
@@ -703,6 +757,9 @@ mod tests {
             ("MESH_PEER_QUEUE_LEN", "100".into()),
             ("MESH_SLOW_PEER_TIMEOUT_MS", "2500".into()),
             ("MESH_BATCH_DELAY_US", "500".into()),
+            ("MESH_ROUTING", "false".into()),
+            ("MESH_INTEREST_INTERVAL_MS", "50".into()),
+            ("MESH_MAX_INTEREST_ROOMS", "10".into()),
         ]);
         let cfg = MeshConfig::from_lookup(|k| vars.get(k).cloned()).unwrap();
         assert_eq!(cfg.cluster_id, "prod-chat");
@@ -712,6 +769,9 @@ mod tests {
         assert_eq!(cfg.peer_queue_len, 100);
         assert_eq!(cfg.slow_peer_timeout, Duration::from_millis(2500));
         assert_eq!(cfg.batch_delay, Duration::from_micros(500));
+        assert!(!cfg.routing);
+        assert_eq!(cfg.interest_interval, Duration::from_millis(50));
+        assert_eq!(cfg.max_interest_rooms, 10);
         assert_eq!(cfg.seeds.len(), 1);
 
         let mut bad = vars.clone();

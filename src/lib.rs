@@ -103,6 +103,7 @@ mod backoff;
 mod config;
 mod error;
 mod incidents;
+mod interest;
 mod membership;
 mod mesh;
 mod peers;

@@ -33,6 +33,9 @@ pub(crate) mod keys {
     pub const NAMESPACE_PREFIX: &str = "ns:";
     pub const SOCKETS: &str = "sockets";
     pub const LEAVING: &str = "leaving";
+    /// Present (`1`) on nodes that announce their rooms and understand announcements
+    /// (interest-based routing): the previous release has no such key.
+    pub const INTEREST: &str = "interest";
 }
 
 /// Gossip messages waiting to be sent, bounded: like UDP, gossip is dropped under pressure.
@@ -52,6 +55,8 @@ pub struct Member {
     pub namespaces: Vec<String>,
     /// Its number of connected sockets, refreshed every few seconds (for observability).
     pub sockets: u64,
+    /// It announces its rooms and understands announcements (interest-based routing).
+    pub(crate) interest: bool,
 }
 
 impl Member {
@@ -79,6 +84,8 @@ pub(crate) struct MembershipSettings {
     pub dead_node_grace_period: Duration,
     /// `quic` or `ws`: members of the other kind are not ours.
     pub transport: &'static str,
+    /// This node announces its rooms (interest-based routing).
+    pub interest: bool,
 }
 
 /// A gossip message received from a peer, decoded (chitchat's type stays in this module).
@@ -216,10 +223,13 @@ impl Membership {
                 state.get(keys::LEAVING).is_none()
             })),
         };
-        let initial = vec![
+        let mut initial = vec![
             (keys::VERSION.to_string(), PROTOCOL_VERSION.to_string()),
             (keys::TRANSPORT.to_string(), cfg.transport.to_string()),
         ];
+        if cfg.interest {
+            initial.push((keys::INTEREST.to_string(), "1".to_string()));
+        }
         let handle = chitchat::spawn_chitchat(config, initial, &transport)
             .await
             .map_err(|e| Error::Membership(e.to_string()))?;
@@ -311,6 +321,7 @@ fn parse_members(
             server_id,
             namespaces,
             sockets,
+            interest: state.get(keys::INTEREST) == Some("1"),
         });
     }
     out

@@ -37,10 +37,16 @@ const PROTOCOL_ERRORS: &str = "socketioxide_mesh_protocol_errors_total";
 const REFUSED: &str = "socketioxide_mesh_connections_refused_total";
 const DIALS_FAILED: &str = "socketioxide_mesh_dials_failed_total";
 const QUERIES: &str = "socketioxide_mesh_queries_total";
+const ROUTED_AWAY: &str = "socketioxide_mesh_broadcasts_routed_away_total";
 const REQUEST_DURATION: &str = "socketioxide_mesh_request_duration_seconds";
 
 /// Describe every metric (units, help texts) to the recorder; idempotent.
 pub(crate) fn describe() {
+    describe_counter!(
+        ROUTED_AWAY,
+        "Room broadcasts not sent to a peer that announced no member in their rooms \
+         (interest-based routing), one per broadcast and peer"
+    );
     describe_gauge!(
         MEMBERS,
         "Members of the mesh, not counting this node, by state (live, dead: declared dead \
@@ -173,6 +179,7 @@ pub(crate) fn publish(
     counter!(DIALS_FAILED).absolute(stats.dials_failed);
     counter!(QUERIES, "outcome" => "answered").absolute(stats.queries_answered);
     counter!(QUERIES, "outcome" => "refused").absolute(stats.queries_refused);
+    counter!(ROUTED_AWAY).absolute(stats.broadcasts_routed_away);
 }
 
 /// A request to peers ended.

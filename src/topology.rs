@@ -72,4 +72,23 @@ pub struct PeerView {
     pub queued_commands: usize,
     /// Bytes waiting in its queue.
     pub queued_bytes: usize,
+    /// It announces its rooms (interest-based routing), and this node routes by them.
+    pub routing: bool,
+    /// The rooms it announced, per namespace this node serves: a room broadcast goes to it
+    /// only if it has one of the broadcast's rooms. `None` until its first announcement on
+    /// the current connection (it gets every broadcast meanwhile), and for a member without
+    /// routing.
+    pub interest: Option<Vec<PeerRooms>>,
+}
+
+/// The rooms of a namespace a member announced.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct PeerRooms {
+    /// The namespace path.
+    pub namespace: String,
+    /// It announced every room (more than `max_interest_rooms`): it gets every broadcast.
+    pub every_room: bool,
+    /// The rooms (at most [`MAX_ROOMS`], by name).
+    pub rooms: Vec<String>,
 }

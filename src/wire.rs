@@ -101,6 +101,28 @@ pub(crate) enum Command {
     /// A server-side event for the handlers registered with [`crate::Mesh::on_server_event`].
     #[serde(rename = "4")]
     ServerEvent { event: String, data: WireBytes },
+    /// The rooms the sender has members in (see [`crate::interest`]). Sent only to peers
+    /// that announce the `interest` capability in gossip: a node of the previous release never
+    /// receives it.
+    #[serde(rename = "5")]
+    Interest {
+        /// How many of the receiver's commands the sender had applied.
+        applied: u64,
+        /// A full snapshot (replaces what the receiver knew) or changes.
+        snapshot: bool,
+        namespaces: Vec<NsInterest>,
+    },
+}
+
+/// The sender's rooms in one namespace: every room (`everything`), or `add`/`del` applied to
+/// what the receiver knew (`replace`: to nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct NsInterest {
+    pub ns: Str,
+    pub everything: bool,
+    pub replace: bool,
+    pub add: Vec<Room>,
+    pub del: Vec<Room>,
 }
 
 impl Command {
@@ -110,7 +132,7 @@ impl Command {
             | Command::AddSockets { ns, .. }
             | Command::DelSockets { ns, .. }
             | Command::DisconnectSockets { ns, .. } => Some(ns),
-            Command::ServerEvent { .. } => None,
+            Command::ServerEvent { .. } | Command::Interest { .. } => None,
         }
     }
 }
@@ -146,6 +168,12 @@ pub(crate) enum CommandRef<'a> {
     ServerEvent {
         event: &'a str,
         data: &'a serde_bytes::Bytes,
+    },
+    #[serde(rename = "5")]
+    Interest {
+        applied: u64,
+        snapshot: bool,
+        namespaces: &'a [NsInterest],
     },
 }
 
@@ -719,6 +747,25 @@ mod tests {
                 data: WireBytes(Bytes::from_static(&[1, 2, 3])),
             },
         );
+        let namespaces = vec![NsInterest {
+            ns: "/chat".into(),
+            everything: false,
+            replace: true,
+            add: vec!["a".into(), "b".into()],
+            del: vec!["c".into()],
+        }];
+        encodes_as(
+            CommandRef::Interest {
+                applied: 42,
+                snapshot: true,
+                namespaces: &namespaces,
+            },
+            Command::Interest {
+                applied: 42,
+                snapshot: true,
+                namespaces: namespaces.clone(),
+            },
+        );
     }
 
     #[test]
@@ -1043,7 +1090,7 @@ mod fuzz_tests {
 
     fn command(rng: &mut Rng) -> Command {
         let ns = Str::from(text(rng));
-        match rng.u8(..5) {
+        match rng.u8(..6) {
             0 => Command::Broadcast {
                 ns,
                 opts: opts(rng),
@@ -1063,9 +1110,22 @@ mod fuzz_tests {
                 ns,
                 opts: opts(rng),
             },
-            _ => Command::ServerEvent {
+            4 => Command::ServerEvent {
                 event: text(rng),
                 data: WireBytes(blob(rng)),
+            },
+            _ => Command::Interest {
+                applied: rng.u64(..),
+                snapshot: rng.bool(),
+                namespaces: (0..rng.usize(..3))
+                    .map(|_| NsInterest {
+                        ns: Str::from(text(rng)),
+                        everything: rng.bool(),
+                        replace: rng.bool(),
+                        add: rooms(rng, 4),
+                        del: rooms(rng, 4),
+                    })
+                    .collect(),
             },
         }
     }
@@ -1084,6 +1144,15 @@ mod fuzz_tests {
             Command::ServerEvent { event, data } => CommandRef::ServerEvent {
                 event,
                 data: serde_bytes::Bytes::new(&data.0),
+            },
+            Command::Interest {
+                applied,
+                snapshot,
+                namespaces,
+            } => CommandRef::Interest {
+                applied: *applied,
+                snapshot: *snapshot,
+                namespaces,
             },
         };
         encode(&r).expect("commands encode")
@@ -1231,6 +1300,13 @@ mod fuzz_tests {
                     [vec![ns.as_str()], opts_strings(opts)].concat()
                 }
                 Command::ServerEvent { event, .. } => vec![event],
+                Command::Interest { namespaces, .. } => namespaces
+                    .iter()
+                    .flat_map(|n| {
+                        std::iter::once(n.ns.as_str())
+                            .chain(n.add.iter().chain(&n.del).map(|r| &**r))
+                    })
+                    .collect(),
             }
         }
     }

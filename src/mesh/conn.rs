@@ -250,30 +250,11 @@ async fn read_uni_inner(
             // Commands before `start_seq` not applied yet were lost with a previous
             // connection: counted, and queries that wait for them stop waiting.
             let applied = shared.command_stream_starts(peer, start_seq);
-            // Apply everything that arrived together, then publish the progress once: one
-            // wake-up of waiting queries per batch, not per command.
-            while let Some(frame) = recv.recv().await? {
-                let mut bytes = frame.len() as u64;
-                shared.apply(peer.node_id, wire::decode_shared(&frame)?);
-                let mut n = 1u64;
-                while n < MAX_APPLY_BATCH
-                    && let Some(frame) = recv.try_recv()?
-                {
-                    bytes += frame.len() as u64;
-                    shared.apply(peer.node_id, wire::decode_shared(&frame)?);
-                    n += 1;
-                }
-                shared
-                    .stats
-                    .commands_received
-                    .fetch_add(n, Ordering::Relaxed);
-                shared
-                    .stats
-                    .command_bytes_received
-                    .fetch_add(bytes, Ordering::Relaxed);
-                applied.send_modify(|c| *c += n);
-            }
-            Ok(())
+            // The peer's room announcements count from this stream on (until it ends).
+            let stream = shared.interest_stream_starts(*peer.node_id);
+            let res = apply_commands(shared, peer, recv, &applied, stream).await;
+            shared.interest_stream_ends(*peer.node_id, stream);
+            res
         }
         UniHeader::Gossip => {
             while let Some(frame) = recv.recv().await? {
@@ -294,6 +275,40 @@ async fn read_uni_inner(
             Ok(())
         }
     }
+}
+
+/// Apply the commands of `peer`'s command stream `stream`, in order. Everything that arrived
+/// together is applied, then the progress published once: one wake-up of waiting queries per
+/// batch, not per command.
+async fn apply_commands(
+    shared: &Arc<Shared>,
+    peer: &Hello,
+    recv: &mut RecvStream,
+    applied: &tokio::sync::watch::Sender<u64>,
+    stream: u64,
+) -> Result<(), StreamError> {
+    while let Some(frame) = recv.recv().await? {
+        let mut bytes = frame.len() as u64;
+        shared.apply_from(peer.node_id, stream, wire::decode_shared(&frame)?);
+        let mut n = 1u64;
+        while n < MAX_APPLY_BATCH
+            && let Some(frame) = recv.try_recv()?
+        {
+            bytes += frame.len() as u64;
+            shared.apply_from(peer.node_id, stream, wire::decode_shared(&frame)?);
+            n += 1;
+        }
+        shared
+            .stats
+            .commands_received
+            .fetch_add(n, Ordering::Relaxed);
+        shared
+            .stats
+            .command_bytes_received
+            .fetch_add(bytes, Ordering::Relaxed);
+        applied.send_modify(|c| *c += n);
+    }
+    Ok(())
 }
 
 async fn answer_query(

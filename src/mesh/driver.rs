@@ -239,7 +239,7 @@ impl Driver {
             .iter()
             .filter_map(|m| {
                 let link = links.get(&*m.node_id)?;
-                (!link.state.borrow().gone).then(|| (link.clone(), m.server_id))
+                (!link.state.borrow().gone).then(|| (link.clone(), m.server_id, m.interest))
             })
             .collect();
         drop(links);

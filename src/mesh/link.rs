@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 use super::Stats;
 use crate::{
     incidents::{Incident, Incidents},
+    interest::PeerInterest,
     peers::NodeId,
     transport::{CloseCode, Conn, SendStream, TransportError},
     wire::{self, UniHeader},
@@ -83,6 +84,13 @@ pub(crate) struct Link {
     /// The sequence number of the first command: where an earlier link to the same node
     /// stopped, so the peer can count what it missed in between.
     first_seq: u64,
+    /// Lock: the rooms the peer has members in, from its announcements (interest-based
+    /// routing). Read by every room broadcast; written when an announcement arrives, a join
+    /// is sent, or the peer's command stream starts or ends.
+    pub interest: std::sync::RwLock<PeerInterest>,
+    /// The peer's command stream whose announcements count (see [`Link::interest`]): bumped
+    /// when one starts.
+    pub interest_stream: AtomicU64,
 }
 
 /// Why a command was not queued.
@@ -123,6 +131,8 @@ impl Link {
             stats,
             incidents,
             first_seq,
+            interest: Default::default(),
+            interest_stream: AtomicU64::new(0),
         });
         let writer = Writer {
             link: link.clone(),
@@ -165,6 +175,15 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// Whether a broadcast to `rooms` of namespace `ns` must go to this peer (interest-based
+    /// routing; see [`PeerInterest`]).
+    pub(crate) fn wants(&self, ns: &str, rooms: &[socketioxide_core::adapter::Room]) -> bool {
+        self.interest
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .wants(ns, rooms)
     }
 
     /// The number of commands queued so far: a request sent now is answered after the peer

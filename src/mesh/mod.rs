@@ -181,6 +181,7 @@ impl Mesh {
             phi_threshold: config.phi_threshold,
             dead_node_grace_period: config.dead_node_grace_period,
             transport: config.transport.as_str(),
+            interest: config.routing,
         };
         let (membership, pipes) =
             Membership::start(&membership_settings, node_id, advertise_addr).await?;
@@ -202,6 +203,9 @@ impl Mesh {
             max_concurrent_streams: config.max_concurrent_streams,
             connect_timeout: config.connect_timeout,
             transport: config.transport,
+            routing: config.routing,
+            interest_interval: config.interest_interval,
+            max_interest_rooms: config.max_interest_rooms,
         };
         let cancel = CancellationToken::new();
         let (members_tx, _) = watch::channel(Arc::new(Vec::new()));
@@ -217,6 +221,7 @@ impl Mesh {
             namespaces: RwLock::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
             retired: Mutex::new(Retired::default()),
+            interest_sync: Mutex::default(),
             server_events: Mutex::new(HashMap::new()),
             server_handler: RwLock::new(None),
             members_tx,
@@ -236,6 +241,9 @@ impl Mesh {
             seeds: config.seeds.clone(),
         });
         driver::spawn(shared.clone(), &config, pipes.out_rx).await;
+        if config.routing {
+            shared.tasks.spawn(shared.clone().announce_interest());
+        }
         info!(node = %node_id, addr = %advertise_addr, transport = %config.transport,
             cluster = %config.cluster_id, "mesh node started");
         Ok(Mesh {
@@ -331,7 +339,7 @@ impl Mesh {
 
     /// The mesh as this node sees it, ready to serialize (see [`Topology`](crate::Topology)).
     pub fn topology(&self) -> crate::Topology {
-        use crate::topology::{MAX_ROOMS, NamespaceView, PeerView, RoomView};
+        use crate::topology::{MAX_ROOMS, NamespaceView, PeerRooms, PeerView, RoomView};
         let shared = &self.shared;
         let handlers: Vec<(String, Arc<dyn NsHandler>)> = shared
             .namespaces
@@ -379,6 +387,25 @@ impl Mesh {
                     rtt_ms: conn.and_then(|c| c.rtt()).map(|d| d.as_secs_f64() * 1e3),
                     queued_commands,
                     queued_bytes,
+                    routing: m.interest && shared.settings.routing,
+                    interest: link.and_then(|l| {
+                        let interest = l.interest.read().unwrap_or_else(|e| e.into_inner());
+                        interest.is_known().then(|| {
+                            namespaces
+                                .iter()
+                                .map(|ns| {
+                                    let rooms = interest.rooms(&ns.name);
+                                    let mut list = rooms.clone().unwrap_or_default();
+                                    list.truncate(MAX_ROOMS);
+                                    PeerRooms {
+                                        namespace: ns.name.clone(),
+                                        every_room: rooms.is_none(),
+                                        rooms: list,
+                                    }
+                                })
+                                .collect()
+                        })
+                    }),
                 }
             })
             .collect();

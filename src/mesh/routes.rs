@@ -16,14 +16,30 @@ pub(crate) struct Routes {
     /// The socketioxide server id each link serves, if known (same order as `links`; a
     /// cluster is small enough for a scan).
     servers: Vec<Option<Uid>>,
+    /// Whether each member announces its rooms and understands announcements (same order).
+    interest: Vec<bool>,
 }
 
 impl Routes {
-    /// `links` with the socketioxide server id each serves, if known.
-    pub(crate) fn new(mut links: Vec<(Arc<Link>, Option<Uid>)>) -> Self {
-        links.sort_by_key(|(link, _)| link.node);
-        let (links, servers) = links.into_iter().unzip();
-        Self { links, servers }
+    /// `links` with the socketioxide server id each serves, if known, and whether it takes
+    /// part in interest-based routing.
+    pub(crate) fn new(mut links: Vec<(Arc<Link>, Option<Uid>, bool)>) -> Self {
+        links.sort_by_key(|(link, _, _)| link.node);
+        let mut routes = Self::default();
+        for (link, server, interest) in links {
+            routes.links.push(link);
+            routes.servers.push(server);
+            routes.interest.push(interest);
+        }
+        routes
+    }
+
+    /// The links of the members that take part in interest-based routing.
+    pub(crate) fn interest_links(&self) -> impl Iterator<Item = &Arc<Link>> {
+        self.links
+            .iter()
+            .zip(&self.interest)
+            .filter_map(|(l, i)| i.then_some(l))
     }
 
     /// Every live member's link.

@@ -46,13 +46,21 @@ pub(crate) trait NsHandler: Send + Sync + 'static {
     fn answer(&self, query: Query) -> Pin<Box<dyn Stream<Item = Reply> + Send>>;
     /// Number of local sockets (observability).
     fn num_sockets(&self) -> usize;
+    /// The rooms with at least one local socket (interest-based routing).
+    fn room_names(&self) -> std::collections::HashSet<socketioxide_core::adapter::Room>;
     /// Its rooms on this node and their sockets (observability).
     fn local_rooms(&self) -> Vec<(String, usize)>;
 }
 
 /// Command kinds, as the `kind` label of the command counters.
-pub(crate) const COMMAND_KINDS: [&str; 5] =
-    ["broadcast", "join", "leave", "disconnect", "server_event"];
+pub(crate) const COMMAND_KINDS: [&str; 6] = [
+    "broadcast",
+    "join",
+    "leave",
+    "disconnect",
+    "server_event",
+    "interest",
+];
 
 pub(crate) fn kind_of_ref(cmd: &CommandRef<'_>) -> usize {
     match cmd {
@@ -61,6 +69,7 @@ pub(crate) fn kind_of_ref(cmd: &CommandRef<'_>) -> usize {
         CommandRef::DelSockets { .. } => 2,
         CommandRef::DisconnectSockets { .. } => 3,
         CommandRef::ServerEvent { .. } => 4,
+        CommandRef::Interest { .. } => 5,
     }
 }
 
@@ -71,8 +80,18 @@ pub(crate) fn kind_of(cmd: &Command) -> usize {
         Command::DelSockets { .. } => 2,
         Command::DisconnectSockets { .. } => 3,
         Command::ServerEvent { .. } => 4,
+        Command::Interest { .. } => 5,
     }
 }
+
+/// The kind index of interest announcements.
+pub(crate) const fn kind_of_interest() -> usize {
+    5
+}
+
+/// How often a peer gets a full snapshot of this node's rooms even when nothing changed (it
+/// repairs a view that missed its snapshot, say on a connection replaced mid-write).
+pub(crate) const INTEREST_REFRESH: Duration = Duration::from_secs(5);
 
 /// Server events queued per sending peer for the handler, at most.
 pub(crate) const SERVER_EVENT_QUEUE: usize = 1024;
@@ -140,6 +159,10 @@ pub(crate) struct Settings {
     pub max_concurrent_streams: u32,
     pub connect_timeout: Duration,
     pub transport: TransportKind,
+    /// Interest-based routing: announce this node's rooms, filter room broadcasts.
+    pub routing: bool,
+    pub interest_interval: Duration,
+    pub max_interest_rooms: usize,
 }
 
 /// The state shared by the [`Mesh`] handles, the adapters and the tasks.
@@ -170,6 +193,9 @@ pub(crate) struct Shared {
     pub inbound: Mutex<HashMap<NodeId, watch::Sender<u64>>>,
     /// Lock: where the sequences of forgotten nodes stopped, for when they come back.
     pub retired: Mutex<Retired>,
+    /// Lock: peers that had a join applied here since this node last announced its rooms to
+    /// them (their pins wait for an announcement; see [`crate::interest`]).
+    pub interest_sync: Mutex<std::collections::HashSet<NodeId>>,
     /// Lock: the server event handler (replaced by `Mesh::on_server_event`).
     pub server_handler: RwLock<Option<ServerEventHandler>>,
     /// Lock: per sending peer, the queue of its server events for the handler (see
@@ -248,6 +274,7 @@ impl Shared {
             request_peer_failures: l(&s.request_peer_failures),
             queries_answered: l(&s.queries_answered),
             queries_refused: l(&s.queries_refused),
+            broadcasts_routed_away: l(&s.broadcasts_routed_away),
         }
     }
 
@@ -296,10 +323,10 @@ impl Shared {
 
     /// Queue a command to each link, in order. Never waits: a full queue drops a volatile
     /// message or cuts the slow peer off.
-    pub(crate) fn send_command(
+    pub(crate) fn send_command<'a>(
         &self,
         kind: usize,
-        links: &[Arc<Link>],
+        links: impl IntoIterator<Item = &'a Arc<Link>>,
         frame: Bytes,
         volatile: bool,
     ) {
@@ -384,6 +411,151 @@ impl Shared {
                 watch::channel(restored.unwrap_or(0)).0
             })
             .clone()
+    }
+
+    /// A command stream from `peer` starts: its announcements count from now on, and until
+    /// its snapshot arrives it gets every broadcast. Returns the stream's number.
+    pub(crate) fn interest_stream_starts(&self, peer: NodeId) -> u64 {
+        let Some(link) = self.links().get(&peer).cloned() else {
+            return 0;
+        };
+        let mut interest = link.interest.write().unwrap_or_else(|e| e.into_inner());
+        interest.reset();
+        link.interest_stream.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The command stream `stream` from `peer` ended: unknown again, unless a newer one
+    /// started meanwhile.
+    pub(crate) fn interest_stream_ends(&self, peer: NodeId, stream: u64) {
+        let Some(link) = self.links().get(&peer).cloned() else {
+            return;
+        };
+        let mut interest = link.interest.write().unwrap_or_else(|e| e.into_inner());
+        if link.interest_stream.load(Ordering::Acquire) == stream {
+            interest.reset();
+        }
+    }
+
+    /// Apply a command from `peer`'s command stream `stream`.
+    pub(crate) fn apply_from(self: &Arc<Self>, peer: Uid, stream: u64, cmd: Command) {
+        match cmd {
+            Command::Interest {
+                applied,
+                snapshot,
+                namespaces,
+            } => {
+                self.stats.applied_by_kind[kind_of_interest()].fetch_add(1, Ordering::Relaxed);
+                let Some(link) = self.links().get(&*peer).cloned() else {
+                    return;
+                };
+                let mut interest = link.interest.write().unwrap_or_else(|e| e.into_inner());
+                // Announcements of a stream that is no longer the peer's current one are
+                // stale: the current one brings its own snapshot.
+                if link.interest_stream.load(Ordering::Acquire) == stream {
+                    interest.apply(applied, snapshot, namespaces);
+                }
+            }
+            cmd => {
+                if matches!(cmd, Command::AddSockets { .. }) && self.settings.routing {
+                    self.interest_sync
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(*peer);
+                }
+                self.apply(peer, cmd);
+            }
+        }
+    }
+
+    /// This node's rooms now, per namespace (namespaces without rooms left out).
+    fn local_rooms(&self) -> crate::interest::LocalRooms {
+        let handlers: Vec<(String, Arc<dyn NsHandler>)> = self
+            .namespaces
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(ns, h)| Some((ns.clone(), h.upgrade()?)))
+            .collect();
+        handlers
+            .into_iter()
+            .filter_map(|(ns, h)| {
+                let rooms = h.room_names();
+                (!rooms.is_empty()).then(|| (Str::from(ns), rooms))
+            })
+            .collect()
+    }
+
+    /// Announce this node's rooms to the peers that take part in interest-based routing:
+    /// a snapshot on every new connection and every [`INTEREST_REFRESH`], the changes every
+    /// `interest_interval` when there are any (or when a peer's join was applied here, so
+    /// its pins can go).
+    pub(crate) async fn announce_interest(self: Arc<Self>) {
+        let mut announcer = crate::interest::Announcer::default();
+        let mut tick = tokio::time::interval(self.settings.interest_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Per peer: the connection its last snapshot went on, and when.
+        let mut snapshots: HashMap<NodeId, (u64, Instant)> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.cancel.cancelled() => return,
+            }
+            let changes = announcer.changes(self.local_rooms(), self.settings.max_interest_rooms);
+            let synced =
+                std::mem::take(&mut *self.interest_sync.lock().unwrap_or_else(|e| e.into_inner()));
+            let routes = self.routes.load();
+            let now = Instant::now();
+            let mut seen = Vec::new();
+            for link in routes.interest_links() {
+                seen.push(link.node);
+                let Some(conn) = link.state.borrow().conn.as_ref().map(|c| c.id()) else {
+                    continue; // announced with a snapshot once connected
+                };
+                let due = match snapshots.get(&link.node) {
+                    Some((on, at)) => *on != conn || now.duration_since(*at) >= INTEREST_REFRESH,
+                    None => true,
+                };
+                let applied = *self.inbound(link.node).borrow();
+                if due {
+                    snapshots.insert(link.node, (conn, now));
+                    self.send_interest(link, applied, true, &announcer.snapshot(), &announcer);
+                } else if !changes.is_empty() || synced.contains(&link.node) {
+                    self.send_interest(link, applied, false, &changes, &announcer);
+                }
+            }
+            snapshots.retain(|node, _| seen.contains(node));
+        }
+    }
+
+    fn send_interest(
+        &self,
+        link: &Arc<Link>,
+        applied: u64,
+        snapshot: bool,
+        namespaces: &[wire::NsInterest],
+        announcer: &crate::interest::Announcer,
+    ) {
+        let frame = self
+            .encode_frame(&CommandRef::Interest {
+                applied,
+                snapshot,
+                namespaces,
+            })
+            .or_else(|e| {
+                // Too many rooms for one frame: every namespace as "everything" (small).
+                debug!(error = %e, "interest announcement too large: announcing every room");
+                self.encode_frame(&CommandRef::Interest {
+                    applied,
+                    snapshot: true,
+                    namespaces: &announcer.snapshot_everything(),
+                })
+            });
+        match frame {
+            Ok(frame) => {
+                self.send_command(kind_of_interest(), std::slice::from_ref(link), frame, false)
+            }
+            Err(e) => warn!(error = %e, "interest announcement could not be encoded"),
+        }
     }
 
     /// A command stream from `peer` starts at `start_seq`: the commands before it that were

@@ -34,6 +34,8 @@ pub(crate) struct Stats {
     pub request_peer_failures: AtomicU64,
     pub queries_answered: AtomicU64,
     pub queries_refused: AtomicU64,
+    /// Peer deliveries of room broadcasts not sent: the peer had no member in their rooms.
+    pub broadcasts_routed_away: AtomicU64,
 }
 
 /// A snapshot of a node's counters ([`Mesh::stats`](super::Mesh::stats)).
@@ -111,4 +113,7 @@ pub struct MeshStats {
     pub queries_answered: u64,
     /// Requests from peers refused because too many were in flight.
     pub queries_refused: u64,
+    /// Room broadcasts not sent to a peer because it announced no member in their rooms
+    /// (interest-based routing): one per broadcast and peer skipped.
+    pub broadcasts_routed_away: u64,
 }

@@ -37,5 +37,6 @@ mod mixed;
 mod ordering;
 mod process;
 mod raw;
+mod routing;
 mod security;
 mod soak;
