@@ -31,6 +31,10 @@ use socketioxide_core::{Str, adapter::Room};
 
 use crate::wire::NsInterest;
 
+/// Pins held for one peer at most: beyond, the peer counts as unknown (it gets everything)
+/// until its next snapshot, rather than the pins growing without bound.
+pub(crate) const MAX_PINS: usize = 10_000;
+
 /// What a peer has members in, as the router sees it.
 #[derive(Debug, Default)]
 pub(crate) struct PeerInterest {
@@ -133,6 +137,9 @@ impl PeerInterest {
                 .entry((Str::from(ns.to_string()), r.clone()))
                 .or_default();
             *at = (*at).max(seq);
+        }
+        if self.pins.len() > MAX_PINS {
+            self.reset();
         }
     }
 
@@ -349,6 +356,20 @@ mod tests {
         let changes = a.changes(local("/", &["a", "s"]), 100);
         p.apply(9, false, changes);
         assert!(p.wants("/", &r("s")));
+    }
+
+    #[test]
+    fn too_many_pins_make_the_peer_unknown_not_a_bigger_table() {
+        let mut a = Announcer::default();
+        a.changes(local("/", &["a"]), 100);
+        let mut p = known(&a);
+        let rooms: Vec<Room> = (0..=MAX_PINS)
+            .map(|i| Room::Owned(format!("r{i}")))
+            .collect();
+        p.pin("/", &rooms, 1);
+        assert!(!p.is_known());
+        assert!(p.pins.is_empty());
+        assert!(p.wants("/", &r("zzz")));
     }
 
     #[test]

@@ -8,7 +8,13 @@
 //! cargo run --release --example bench -- --scenarios rooms@10000 --seconds 5          # one point
 //! cargo run --release --example bench -- --node-procs        # one process per node, as pods
 //! cargo run --release --example bench -- --from-csv docs/bench/results.csv --runs 3   # redraw
+//! cargo run --release --example bench -- --nodes 8 --placement one \
+//!     --backends mesh-quic,mesh-quic+routing --scenarios rooms@5000   # interest routing
 //! ```
+//!
+//! `+routing` after a mesh backend turns interest-based routing on (`MeshConfig::with_routing`);
+//! `--placement` puts the members of each room on one node (`one`), two (`two`) or round-robin
+//! over all of them (`spread`, the default).
 //!
 //! Scenarios (`--scenarios`, comma-separated `kind@publishes-per-second`):
 //! - `rooms@R`: 1000 clients in rooms of 10; clients publish R messages/s in total, each to
@@ -70,6 +76,10 @@ struct Args {
     /// Nodes of the clustered backends.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
+    /// Where the members of a room connect: `spread` (round-robin over every node), `one`
+    /// (all on one node), `two` (alternating between two nodes).
+    #[arg(long, default_value = "spread")]
+    placement: String,
     /// WebSocket clients.
     #[arg(long, default_value_t = 1000)]
     clients: usize,
@@ -187,6 +197,12 @@ pub struct Outcome {
     pub client_publishes: u64,
     pub commands_received: u64,
     pub commands_sent_total: u64,
+    /// Bytes of the commands written to peers over the window (mesh).
+    #[serde(default)]
+    pub command_bytes: u64,
+    /// Peer deliveries of room broadcasts skipped by routing over the window.
+    #[serde(default)]
+    pub routed_away: u64,
 }
 
 impl Outcome {
@@ -207,6 +223,14 @@ impl Outcome {
         } else {
             self.peer_send_calls as f64 / self.commands as f64
         }
+    }
+    /// Deliveries (a message reaching a client) over the measurement window.
+    pub fn window_deliveries(&self, room_size: usize) -> f64 {
+        let per_publish = match self.point.split_once('@').map(|(k, _)| k) {
+            Some("rooms") => room_size as f64,
+            _ => 1.0,
+        };
+        self.achieved * per_publish * self.window_s
     }
     pub fn syscall(&self, name: &str) -> Option<u64> {
         self.syscalls
@@ -592,13 +616,20 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
     let addrs = server.addrs();
     let redis_pid = redis.as_ref().and_then(|r| r.child.id());
 
-    // Clients, round-robin over the nodes; client i is in room i / room_size.
+    // Clients: client i is in room i / room_size; by placement, round-robin over the nodes,
+    // or a room's members on one node, or on two.
     let n = args.clients;
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut connecting = Vec::with_capacity(n);
     for i in 0..n {
-        let addr = addrs[i % addrs.len()];
         let room = i / args.room_size;
+        let node = match args.placement.as_str() {
+            "one" => room,
+            "two" => room + i % 2,
+            "spread" => i,
+            other => anyhow::bail!("unknown placement {other:?} (spread, one, two)"),
+        };
+        let addr = addrs[node % addrs.len()];
         let size = (n - room * args.room_size).min(args.room_size) as u64;
         let sem = sem.clone();
         connecting.push(tokio::spawn(async move {
@@ -641,6 +672,11 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
         )));
     }
 
+    if backend.ends_with("+routing") {
+        // The last clients' rooms are announced within the interest interval (20 ms): let
+        // every node hear of them before the first publish.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let started = Instant::now();
     phase_tx.send_replace(Phase::Publish);
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
@@ -728,5 +764,7 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
         client_publishes: totals.published.load(Ordering::Relaxed),
         commands_received: s_end.commands_received,
         commands_sent_total: s_end.commands_sent,
+        command_bytes: s1.command_bytes_sent - s0.command_bytes_sent,
+        routed_away: s1.routed_away - s0.routed_away,
     })
 }

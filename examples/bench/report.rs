@@ -35,6 +35,8 @@ pub fn median(runs: &[Outcome]) -> Outcome {
     out.cutoffs = med(&|o| o.cutoffs as f64) as u64;
     out.commands_lost = med(&|o| o.commands_lost as f64) as u64;
     out.socket_drops = med(&|o| o.socket_drops as f64) as u64;
+    out.command_bytes = med(&|o| o.command_bytes as f64) as u64;
+    out.routed_away = med(&|o| o.routed_away as f64) as u64;
     out
 }
 
@@ -77,6 +79,8 @@ pub fn read_csv(path: &std::path::Path) -> anyhow::Result<(Vec<String>, Vec<Poin
             cutoffs: num("cutoffs")? as u64,
             commands_lost: num("commands_lost")? as u64,
             socket_drops: num("socket_drops")? as u64,
+            command_bytes: num("command_bytes").unwrap_or(0.0) as u64,
+            routed_away: num("routed_away").unwrap_or(0.0) as u64,
             syscalls: get("perf_syscalls")?
                 .split_whitespace()
                 .filter_map(|kv| kv.split_once('='))
@@ -133,9 +137,10 @@ pub fn write(args: &Args, points: &[Point], outcomes: &[Outcome]) -> anyhow::Res
     let mut md = String::new();
     writeln!(
         md,
-        "{} clients (rooms of {}), clustered backends on {} nodes ({}); {} s window after {} s warm-up; median of {} run(s).\n",
+        "{} clients (rooms of {}, placed {}), clustered backends on {} nodes ({}); {} s window after {} s warm-up; median of {} run(s).\n",
         args.clients,
         args.room_size,
+        args.placement,
         args.nodes,
         if args.node_procs {
             "one process each"
@@ -206,6 +211,37 @@ pub fn write(args: &Args, points: &[Point], outcomes: &[Outcome]) -> anyhow::Res
             )?;
         }
     }
+    let meshes: Vec<&Point> = points.iter().filter(|p| p.kind != Kind::Fetch).collect();
+    if args.backends.iter().any(|b| b.starts_with("mesh")) && !meshes.is_empty() {
+        writeln!(
+            md,
+            "\n### Cluster traffic per delivered message (placement: {})\n",
+            args.placement
+        )?;
+        writeln!(
+            md,
+            "| point | backend | deliveries in window | cross-node frames / delivery | cross-node bytes / delivery | peer deliveries routed away | server CPU ms / 1000 deliveries | p99 | lost |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+        for (p, o) in rows(args, outcomes, &meshes) {
+            let d = o.window_deliveries(args.room_size);
+            if d <= 0.0 {
+                continue;
+            }
+            writeln!(
+                md,
+                "| {p} | {} | {:.0} | {:.3} | {:.1} | {} | {:.1} | {:.1} ms | {} |",
+                o.backend,
+                d,
+                o.commands as f64 / d,
+                o.command_bytes as f64 / d,
+                o.routed_away,
+                1e6 * o.cpu_s / d,
+                o.p99_ms,
+                o.lost(),
+            )?;
+        }
+    }
     let fetch: Vec<&Point> = points.iter().filter(|p| p.kind == Kind::Fetch).collect();
     if !fetch.is_empty() {
         writeln!(
@@ -238,13 +274,13 @@ pub fn write(args: &Args, points: &[Point], outcomes: &[Outcome]) -> anyhow::Res
 
     std::fs::create_dir_all(&args.out)?;
     let mut csv = String::from(
-        "backend,point,rate,achieved,expected,received,p50_ms,p99_ms,max_ms,cpu_s,redis_cpu_s,window_s,ctx_switches,commands,peer_send_calls,peer_recv_calls,cutoffs,commands_lost,socket_drops,perf_syscalls\n",
+        "backend,point,rate,achieved,expected,received,p50_ms,p99_ms,max_ms,cpu_s,redis_cpu_s,window_s,ctx_switches,commands,peer_send_calls,peer_recv_calls,cutoffs,commands_lost,socket_drops,perf_syscalls,command_bytes,routed_away\n",
     );
     for o in outcomes {
         let perf: Vec<String> = o.syscalls.iter().map(|(n, v)| format!("{n}={v}")).collect();
         writeln!(
             csv,
-            "{},{},{},{:.1},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{},{}",
+            "{},{},{},{:.1},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{},{},{},{}",
             o.backend,
             o.point,
             o.rate,
@@ -264,7 +300,9 @@ pub fn write(args: &Args, points: &[Point], outcomes: &[Outcome]) -> anyhow::Res
             o.cutoffs,
             o.commands_lost,
             o.socket_drops,
-            perf.join(" ")
+            perf.join(" "),
+            o.command_bytes,
+            o.routed_away,
         )?;
     }
     std::fs::write(args.out.join("results.csv"), csv)?;

@@ -70,6 +70,12 @@ pub struct ServerStats {
     /// Packets socketioxide dropped because a socket's buffer was full (mesh only: counted on
     /// remote broadcasts).
     pub socket_drops: u64,
+    /// Bytes of the commands written to peers (mesh only).
+    #[serde(default)]
+    pub command_bytes_sent: u64,
+    /// Room broadcasts not sent to a peer with no member in their rooms (mesh routing).
+    #[serde(default)]
+    pub routed_away: u64,
 }
 
 impl std::ops::AddAssign for ServerStats {
@@ -84,6 +90,8 @@ impl std::ops::AddAssign for ServerStats {
         self.peer_recv_calls += o.peer_recv_calls;
         self.peer_batches += o.peer_batches;
         self.socket_drops += o.socket_drops;
+        self.command_bytes_sent += o.command_bytes_sent;
+        self.routed_away += o.routed_away;
     }
 }
 
@@ -110,8 +118,9 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
             addrs.push(addr);
             fetchers.push(fetch);
         }
-        "mesh-quic" | "mesh-ws" => {
-            let kind = if backend == "mesh-quic" {
+        "mesh-quic" | "mesh-ws" | "mesh-quic+routing" | "mesh-ws+routing" => {
+            let routing = backend.ends_with("+routing");
+            let kind = if backend.starts_with("mesh-quic") {
                 TransportKind::Quic
             } else {
                 TransportKind::Ws
@@ -126,7 +135,8 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
                 let mut cfg = MeshConfig::local(tls)
                     .with_transport(kind)
                     .with_gossip_interval(Duration::from_millis(100))
-                    .with_cluster_id("bench");
+                    .with_cluster_id("bench")
+                    .with_routing(routing);
                 if let Some(us) = args.batch_delay_us {
                     cfg = cfg.with_batch_delay(Duration::from_micros(us));
                 }
@@ -205,6 +215,8 @@ fn collect(meshes: &[Mesh], publishes: &AtomicU64) -> ServerStats {
         s.peer_recv_calls += st.peer_recv_calls;
         s.peer_batches += st.batches_sent;
         s.socket_drops += st.socket_buffer_drops;
+        s.command_bytes_sent += st.command_bytes_sent;
+        s.routed_away += st.broadcasts_routed_away;
     }
     s
 }
