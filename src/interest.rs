@@ -271,6 +271,14 @@ mod tests {
         p
     }
 
+    /// A peer with a member in room "a" of "/", known to the router.
+    fn in_room_a() -> (Announcer, PeerInterest) {
+        let mut a = Announcer::default();
+        a.changes(local("/", &["a"]), 100);
+        let p = known(&a);
+        (a, p)
+    }
+
     #[test]
     fn an_unknown_peer_gets_everything() {
         let p = PeerInterest::default();
@@ -305,9 +313,7 @@ mod tests {
 
     #[test]
     fn changes_while_unknown_are_ignored_until_the_next_snapshot() {
-        let mut a = Announcer::default();
-        a.changes(local("/", &["a"]), 100);
-        let mut p = known(&a);
+        let (mut a, mut p) = in_room_a();
         p.reset();
         let changes = a.changes(local("/", &["b"]), 100);
         p.apply(0, false, changes);
@@ -338,9 +344,7 @@ mod tests {
 
     #[test]
     fn a_join_sent_to_a_peer_pins_the_room_until_the_peer_applied_it() {
-        let mut a = Announcer::default();
-        a.changes(local("/", &["a"]), 100);
-        let mut p = known(&a);
+        let (mut a, mut p) = in_room_a();
         // We sent the peer a join of "r" as our command 7 (it is applied once 8 are).
         p.pin("/", &r("r"), 8);
         assert!(p.wants("/", &r("r")));
@@ -360,9 +364,7 @@ mod tests {
 
     #[test]
     fn too_many_pins_make_the_peer_unknown_not_a_bigger_table() {
-        let mut a = Announcer::default();
-        a.changes(local("/", &["a"]), 100);
-        let mut p = known(&a);
+        let (_, mut p) = in_room_a();
         let rooms: Vec<Room> = (0..=MAX_PINS)
             .map(|i| Room::Owned(format!("r{i}")))
             .collect();
@@ -374,9 +376,7 @@ mod tests {
 
     #[test]
     fn a_stream_that_ends_forgets_pins_and_rooms() {
-        let mut a = Announcer::default();
-        a.changes(local("/", &["a"]), 100);
-        let mut p = known(&a);
+        let (a, mut p) = in_room_a();
         p.pin("/", &r("r"), 3);
         p.reset();
         assert!(p.wants("/", &r("nothing")), "unknown again");

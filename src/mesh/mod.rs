@@ -341,14 +341,8 @@ impl Mesh {
     pub fn topology(&self) -> crate::Topology {
         use crate::topology::{MAX_ROOMS, NamespaceView, PeerRooms, PeerView, RoomView};
         let shared = &self.shared;
-        let handlers: Vec<(String, Arc<dyn NsHandler>)> = shared
-            .namespaces
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(|(ns, h)| Some((ns.clone(), h.upgrade()?)))
-            .collect();
-        let mut namespaces: Vec<NamespaceView> = handlers
+        let mut namespaces: Vec<NamespaceView> = shared
+            .handlers()
             .into_iter()
             .map(|(name, h)| {
                 let mut rooms: Vec<RoomView> = h

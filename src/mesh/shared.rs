@@ -89,6 +89,10 @@ pub(crate) const fn kind_of_interest() -> usize {
     5
 }
 
+/// The interest scan takes at most one part in this many of a core: a scan that took `d` waits
+/// at least `d` × this before the next.
+pub(crate) const INTEREST_SCAN_SHARE: u32 = 100;
+
 /// How often a peer gets a full snapshot of this node's rooms even when nothing changed (it
 /// repairs a view that missed its snapshot, say on a connection replaced mid-write).
 pub(crate) const INTEREST_REFRESH: Duration = Duration::from_secs(5);
@@ -467,16 +471,19 @@ impl Shared {
         }
     }
 
-    /// This node's rooms now, per namespace (namespaces without rooms left out).
-    fn local_rooms(&self) -> crate::interest::LocalRooms {
-        let handlers: Vec<(String, Arc<dyn NsHandler>)> = self
-            .namespaces
+    /// The namespaces this node serves and their adapters (taken out of the lock).
+    pub(crate) fn handlers(&self) -> Vec<(String, Arc<dyn NsHandler>)> {
+        self.namespaces
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter_map(|(ns, h)| Some((ns.clone(), h.upgrade()?)))
-            .collect();
-        handlers
+            .collect()
+    }
+
+    /// This node's rooms now, per namespace (namespaces without rooms left out).
+    fn local_rooms(&self) -> crate::interest::LocalRooms {
+        self.handlers()
             .into_iter()
             .filter_map(|(ns, h)| {
                 let rooms = h.room_names();
@@ -491,16 +498,22 @@ impl Shared {
     /// its pins can go).
     pub(crate) async fn announce_interest(self: Arc<Self>) {
         let mut announcer = crate::interest::Announcer::default();
-        let mut tick = tokio::time::interval(self.settings.interest_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Per peer: the connection its last snapshot went on, and when.
         let mut snapshots: HashMap<NodeId, (u64, Instant)> = HashMap::new();
+        let mut wait = self.settings.interest_interval;
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = self.cancel.cancelled() => return,
             }
+            let scan = Instant::now();
             let changes = announcer.changes(self.local_rooms(), self.settings.max_interest_rooms);
+            // The scan costs one pass over the node's memberships: a node with very many
+            // scans less often, so that scanning stays under 1 % of a core.
+            wait = self
+                .settings
+                .interest_interval
+                .max(scan.elapsed() * INTEREST_SCAN_SHARE);
             let synced =
                 std::mem::take(&mut *self.interest_sync.lock().unwrap_or_else(|e| e.into_inner()));
             let routes = self.routes.load();

@@ -1413,6 +1413,21 @@ mod fuzz_tests {
                 .flatten()
         }
 
+        /// The connection cut the peer off (once), telling it `reason`; `flood` says what went
+        /// unnoticed if it did not.
+        async fn assert_cut_off(mut self, reason: &str, flood: &str) {
+            let mut seen = match self.probe().await {
+                Probe::Closed(f) => Some(f),
+                Probe::Ended => None,
+                Probe::Alive => panic!("{flood}"),
+                Probe::Stuck => panic!("stuck"),
+            };
+            let told = self.told(&mut seen).await.expect("the peer is told why");
+            assert_eq!(told.reason.as_str(), reason);
+            assert_eq!(self.violations(), 1);
+            self.shut_down().await;
+        }
+
         fn violations(&self) -> u64 {
             self.counters.protocol.load(Ordering::Relaxed)
         }
@@ -1925,16 +1940,9 @@ mod fuzz_tests {
         while sent < limit && h.send(empty_frames()).await {
             sent += 1;
         }
-        let mut seen = match h.probe().await {
-            Probe::Closed(f) => Some(f),
-            Probe::Ended => None,
-            Probe::Alive => panic!("{sent} messages of empty frames queued without limit"),
-            Probe::Stuck => panic!("stuck"),
-        };
-        let told = h.told(&mut seen).await.expect("the peer is told why");
-        assert_eq!(told.reason.as_str(), "stream 1 exceeded its credit");
-        assert_eq!(h.violations(), 1);
-        h.shut_down().await;
+        let flood = format!("{sent} messages of empty frames queued without limit");
+        h.assert_cut_off("stream 1 exceeded its credit", &flood)
+            .await;
     }
 
     #[tokio::test]
@@ -2000,16 +2008,9 @@ mod fuzz_tests {
             }
             id += 2;
         }
-        let mut seen = match h.probe().await {
-            Probe::Closed(f) => Some(f),
-            Probe::Ended => None,
-            Probe::Alive => panic!("{sent} bytes buffered for streams nobody accepted"),
-            Probe::Stuck => panic!("stuck"),
-        };
-        let told = h.told(&mut seen).await.expect("the peer is told why");
-        assert_eq!(told.reason.as_str(), "the connection exceeded its credit");
-        assert_eq!(h.violations(), 1);
-        h.shut_down().await;
+        let flood = format!("{sent} bytes buffered for streams nobody accepted");
+        h.assert_cut_off("the connection exceeded its credit", &flood)
+            .await;
     }
 }
 
