@@ -1,0 +1,178 @@
+//! Control-plane benchmark: what membership costs and how fast it moves, with N nodes in one
+//! process on default settings (gossip every 100 ms), node 0 the only seed.
+//!
+//! ```text
+//! cargo run --release --example control_plane                        # 10, 25 and 50 nodes, quic
+//! cargo run --release --example control_plane -- --nodes 100 --transport ws
+//! ```
+//!
+//! For each N it prints one Markdown row:
+//! - **converge**: from starting nodes 1..N (all at once) until every node lists every other;
+//! - **join seen by all**: one more node starts; until all N list it;
+//! - **leave seen by all**: that node shuts down gracefully; until none lists it;
+//! - **stop seen by all**: a node stops without leaving (its tasks and sockets dropped, as a
+//!   crash closes them); until none lists it;
+//! - **idle**: gossip payload bytes sent per node per second (before TLS and transport
+//!   overhead) and the process's CPU, all nodes together, over `--idle` seconds with no
+//!   traffic.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::Parser;
+use socketioxide_mesh::{DevCa, Mesh, MeshConfig, StaticSeeds, TransportKind};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Cluster sizes to measure.
+    #[arg(long, default_value = "10,25,50", value_delimiter = ',')]
+    nodes: Vec<usize>,
+    /// `quic` or `ws`.
+    #[arg(long, default_value = "quic")]
+    transport: String,
+    /// The idle measurement window, in seconds.
+    #[arg(long, default_value_t = 10)]
+    idle: u64,
+    /// Gossip period in milliseconds (default: the library's, 100).
+    #[arg(long)]
+    gossip_ms: Option<u64>,
+}
+
+/// The longest any step may take before the benchmark gives up.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+fn config(
+    args: &Args,
+    ca: &DevCa,
+    name: &str,
+    seed: Option<SocketAddr>,
+) -> anyhow::Result<MeshConfig> {
+    let kind: TransportKind = args.transport.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut cfg = MeshConfig::new(ca.node_tls(name)?)
+        .with_transport(kind)
+        .with_listen_addr(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .with_cluster_id("control-plane");
+    if let Some(ms) = args.gossip_ms {
+        cfg = cfg.with_gossip_interval(Duration::from_millis(ms));
+    }
+    if let Some(seed) = seed {
+        cfg = cfg.with_seeds(StaticSeeds::new([seed.to_string()]));
+    }
+    Ok(cfg)
+}
+
+/// CPU seconds this process used so far (user + system).
+fn cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // `rest` starts at field 3: utime (14) and stime (15) are at 11 and 12. 100 ticks/s.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Wait until `pred` holds for the members of every node in `nodes`.
+async fn until_all(
+    nodes: &[&Mesh],
+    what: &str,
+    pred: impl Fn(&[socketioxide_mesh::Member]) -> bool,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    for mesh in nodes {
+        let mut members = mesh.watch_members();
+        tokio::time::timeout(
+            PATIENCE.saturating_sub(t0.elapsed()),
+            members.wait_for(|m| pred(m)),
+        )
+        .await
+        .with_context(|| format!("{what}: not within {PATIENCE:?}"))??;
+    }
+    Ok(t0.elapsed())
+}
+
+async fn measure(args: &Args, n: usize) -> anyhow::Result<String> {
+    let ca = DevCa::generate("control plane")?;
+    let first = Mesh::start(config(args, &ca, "n0", None)?).await?;
+    let seed = first.advertise_addr();
+    let t0 = Instant::now();
+    let mut starting = Vec::new();
+    for i in 1..n {
+        let cfg = config(args, &ca, &format!("n{i}"), Some(seed))?;
+        starting.push(tokio::spawn(Mesh::start(cfg)));
+    }
+    let mut nodes = vec![first];
+    for s in starting {
+        nodes.push(s.await??);
+    }
+    let all: Vec<&Mesh> = nodes.iter().collect();
+    until_all(&all, "converge", |m| m.len() == n - 1).await?;
+    let converge = t0.elapsed();
+
+    // Idle: gossip only.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bytes = |nodes: &[Mesh]| -> u64 { nodes.iter().map(|m| m.stats().gossip_bytes_sent).sum() };
+    let (b0, c0, w0) = (bytes(&nodes), cpu_secs(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(args.idle)).await;
+    let secs = w0.elapsed().as_secs_f64();
+    let (b1, c1) = (bytes(&nodes), cpu_secs());
+    let kb_per_node = (b1 - b0) as f64 / n as f64 / secs / 1000.0;
+    let cpu_pct = 100.0 * (c1 - c0) / secs;
+
+    // A node joins, then leaves gracefully.
+    let extra = Mesh::start(config(args, &ca, "extra", Some(seed))?).await?;
+    let id = extra.node_id();
+    let join = until_all(&all, "join", |m| m.iter().any(|m| m.node_id == id)).await?;
+    extra.shutdown().await;
+    let leave = until_all(&all, "leave", |m| m.iter().all(|m| m.node_id != id)).await?;
+
+    // A node stops without leaving.
+    let gone = nodes.pop().context("a node to stop")?;
+    let id = gone.node_id();
+    let t = Instant::now();
+    drop(gone);
+    let rest: Vec<&Mesh> = nodes.iter().collect();
+    until_all(&rest, "stop", |m| m.iter().all(|m| m.node_id != id)).await?;
+    let stop = t.elapsed();
+
+    for mesh in &nodes {
+        mesh.shutdown().await;
+    }
+    Ok(format!(
+        "| {n} {} | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {kb_per_node:.1} | {cpu_pct:.1} % |",
+        args.transport,
+        converge.as_secs_f64(),
+        join.as_secs_f64(),
+        leave.as_secs_f64(),
+        stop.as_secs_f64(),
+    ))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "| N | converge | join seen by all | leave seen by all | stop seen by all | idle gossip KB/s per node | idle CPU, all nodes (of one core) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for &n in &args.nodes {
+        anyhow::ensure!(n >= 2, "at least 2 nodes");
+        let row = rt.block_on(measure(&args, n))?;
+        println!("{row}");
+    }
+    Ok(())
+}
