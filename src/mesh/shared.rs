@@ -95,7 +95,8 @@ pub(crate) const INTEREST_SCAN_SHARE: u32 = 100;
 
 /// How often a peer gets a full snapshot of this node's rooms even when nothing changed (it
 /// repairs a view that missed its snapshot, say on a connection replaced mid-write).
-pub(crate) const INTEREST_REFRESH: Duration = Duration::from_secs(5);
+/// Rare: a snapshot of 10,000 rooms is ~200 KB, so this costs ~7 KB/s per peer at most.
+pub(crate) const INTEREST_REFRESH: Duration = Duration::from_secs(30);
 
 /// Server events queued per sending peer for the handler, at most.
 pub(crate) const SERVER_EVENT_QUEUE: usize = 1024;
