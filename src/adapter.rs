@@ -84,23 +84,19 @@ impl<E: SocketEmitter> MeshAdapter<E> {
         .then_some(&opts.rooms[..]);
         let ns = self.ns();
         let wanted = |link: &&Arc<crate::mesh::Link>| filter.is_none_or(|r| link.wants(ns, r));
-        let targets = links.iter().filter(wanted).count();
-        if targets < links.len() {
-            shared.stats.broadcasts_routed_away.fetch_add(
-                (links.len() - targets) as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        }
-        if targets == 0 {
+        // Encoded only if some peer wants it (with routing, often none does).
+        if !links.iter().any(|l| wanted(&l)) {
+            shared.count_routed_away(links.len());
             return Ok(());
         }
         let frame = shared.encode_frame(cmd)?;
-        shared.send_command(
+        let sent = shared.send_command(
             crate::mesh::kind_of_ref(cmd),
             links.iter().filter(wanted),
             frame,
             opts.has_flag(BroadcastFlags::Volatile),
         );
+        shared.count_routed_away(links.len() - sent);
         if let CommandRef::AddSockets { rooms, .. } = cmd
             && shared.settings.routing
         {

@@ -40,8 +40,8 @@ pub(crate) const MAX_PINS: usize = 10_000;
 pub(crate) struct PeerInterest {
     /// `None` while unknown: everything is sent.
     known: Option<HashMap<Str, Rooms>>,
-    /// (namespace, room) → the sequence number the peer must have applied for the pin to go.
-    pins: HashMap<(Str, Room), u64>,
+    /// Namespace → room → the sequence number the peer must have applied for the pin to go.
+    pins: HashMap<Str, HashMap<Room, u64>>,
 }
 
 /// The rooms of one namespace a peer has members in.
@@ -65,11 +65,10 @@ impl PeerInterest {
             Some(Rooms::These(set)) => rooms.iter().any(|r| set.contains(r)),
             None => false,
         };
-        has || (!self.pins.is_empty()
-            && rooms.iter().any(|r| {
-                self.pins
-                    .contains_key(&(Str::from(ns.to_string()), r.clone()))
-            }))
+        has || self
+            .pins
+            .get(ns)
+            .is_some_and(|pinned| rooms.iter().any(|r| pinned.contains_key(r)))
     }
 
     /// Whether the peer's interest is known (a snapshot arrived on its current stream).
@@ -122,7 +121,10 @@ impl PeerInterest {
                 }
             }
         }
-        self.pins.retain(|_, seq| *seq > applied);
+        for pinned in self.pins.values_mut() {
+            pinned.retain(|_, seq| *seq > applied);
+        }
+        self.pins.retain(|_, pinned| !pinned.is_empty());
     }
 
     /// We sent the peer a join of `rooms` in `ns`; it is applied once the peer has applied
@@ -131,14 +133,12 @@ impl PeerInterest {
         if self.known.is_none() {
             return; // everything goes to it anyway; its snapshot will be newer
         }
+        let pinned = self.pins.entry(Str::from(ns.to_string())).or_default();
         for r in rooms {
-            let at = self
-                .pins
-                .entry((Str::from(ns.to_string()), r.clone()))
-                .or_default();
+            let at = pinned.entry(r.clone()).or_default();
             *at = (*at).max(seq);
         }
-        if self.pins.len() > MAX_PINS {
+        if self.pins.values().map(HashMap::len).sum::<usize>() > MAX_PINS {
             self.reset();
         }
     }

@@ -450,6 +450,18 @@ mod tests {
         }
     }
 
+    /// A table (of `low`) with one live member (`high`, at `addr(2)`), connected over
+    /// connection 5, its actions before the connection drained.
+    fn connected_member() -> (PeerTable, NodeId, NodeId, Instant) {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(low);
+        t.set_live(now, &[(high, addr(2))]);
+        drain(&mut t, now);
+        t.connected(now, 5, high, addr(2), true);
+        (t, low, high, now)
+    }
+
     fn table(me: NodeId) -> PeerTable {
         PeerTable::new(
             me,
@@ -554,12 +566,7 @@ mod tests {
 
     #[test]
     fn death_closes_connections_and_forgets() {
-        let (low, high) = ids();
-        let now = Instant::now();
-        let mut t = table(low);
-        t.set_live(now, &[(high, addr(2))]);
-        drain(&mut t, now);
-        t.connected(now, 5, high, addr(2), true);
+        let (mut t, _, high, now) = connected_member();
         drain(&mut t, now);
         t.set_live(now, &[]);
         assert_eq!(
@@ -578,12 +585,7 @@ mod tests {
 
     #[test]
     fn gossip_does_not_dial_a_dead_member_until_it_comes_back() {
-        let (low, high) = ids();
-        let now = Instant::now();
-        let mut t = table(low);
-        t.set_live(now, &[(high, addr(2))]);
-        drain(&mut t, now);
-        t.connected(now, 5, high, addr(2), true);
+        let (mut t, low, high, now) = connected_member();
         t.set_live(now, &[]);
         drain(&mut t, now);
         // Chitchat gossips to dead members for their grace period: no dial for that.
@@ -676,12 +678,7 @@ mod tests {
 
     #[test]
     fn lost_connection_to_live_member_is_redialed() {
-        let (low, high) = ids();
-        let now = Instant::now();
-        let mut t = table(low);
-        t.set_live(now, &[(high, addr(2))]);
-        drain(&mut t, now);
-        t.connected(now, 5, high, addr(2), true);
+        let (mut t, _, high, now) = connected_member();
         drain(&mut t, now);
         t.disconnected(now, 5);
         assert_eq!(

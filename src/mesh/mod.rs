@@ -389,12 +389,13 @@ impl Mesh {
                                 .iter()
                                 .map(|ns| {
                                     let rooms = interest.rooms(&ns.name);
-                                    let mut list = rooms.clone().unwrap_or_default();
-                                    list.truncate(MAX_ROOMS);
+                                    let every_room = rooms.is_none();
+                                    let mut rooms = rooms.unwrap_or_default();
+                                    rooms.truncate(MAX_ROOMS);
                                     PeerRooms {
                                         namespace: ns.name.clone(),
-                                        every_room: rooms.is_none(),
-                                        rooms: list,
+                                        every_room,
+                                        rooms,
                                     }
                                 })
                                 .collect()

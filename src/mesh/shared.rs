@@ -69,7 +69,7 @@ pub(crate) fn kind_of_ref(cmd: &CommandRef<'_>) -> usize {
         CommandRef::DelSockets { .. } => 2,
         CommandRef::DisconnectSockets { .. } => 3,
         CommandRef::ServerEvent { .. } => 4,
-        CommandRef::Interest { .. } => 5,
+        CommandRef::Interest { .. } => INTEREST_KIND,
     }
 }
 
@@ -80,14 +80,12 @@ pub(crate) fn kind_of(cmd: &Command) -> usize {
         Command::DelSockets { .. } => 2,
         Command::DisconnectSockets { .. } => 3,
         Command::ServerEvent { .. } => 4,
-        Command::Interest { .. } => 5,
+        Command::Interest { .. } => INTEREST_KIND,
     }
 }
 
-/// The kind index of interest announcements.
-pub(crate) const fn kind_of_interest() -> usize {
-    5
-}
+/// The kind index of interest announcements (in [`COMMAND_KINDS`]).
+pub(crate) const INTEREST_KIND: usize = 5;
 
 /// The interest scan takes at most one part in this many of a core: a scan that took `d` waits
 /// at least `d` × this before the next.
@@ -326,17 +324,18 @@ impl Shared {
         Ok(frame)
     }
 
-    /// Queue a command to each link, in order. Never waits: a full queue drops a volatile
-    /// message or cuts the slow peer off.
+    /// Queue a command to each link, in order; the number of links it was offered to. Never
+    /// waits: a full queue drops a volatile message or cuts the slow peer off.
     pub(crate) fn send_command<'a>(
         &self,
         kind: usize,
         links: impl IntoIterator<Item = &'a Arc<Link>>,
         frame: Bytes,
         volatile: bool,
-    ) {
-        let mut queued = 0;
+    ) -> usize {
+        let (mut offered, mut queued) = (0, 0);
         for link in links {
+            offered += 1;
             match link.enqueue(frame.clone(), volatile) {
                 Ok(()) => queued += 1,
                 Err(EnqueueError::Full) if volatile => {
@@ -356,6 +355,16 @@ impl Shared {
             }
         }
         self.stats.queued_by_kind[kind].fetch_add(queued, Ordering::Relaxed);
+        offered
+    }
+
+    /// `n` peer deliveries of a room broadcast skipped by interest-based routing.
+    pub(crate) fn count_routed_away(&self, n: usize) {
+        if n > 0 {
+            self.stats
+                .broadcasts_routed_away
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn ns_handler(&self, ns: &str) -> Option<Arc<dyn NsHandler>> {
@@ -449,7 +458,7 @@ impl Shared {
                 snapshot,
                 namespaces,
             } => {
-                self.stats.applied_by_kind[kind_of_interest()].fetch_add(1, Ordering::Relaxed);
+                self.stats.applied_by_kind[INTEREST_KIND].fetch_add(1, Ordering::Relaxed);
                 let Some(link) = self.links().get(&*peer).cloned() else {
                     return;
                 };
@@ -520,6 +529,8 @@ impl Shared {
             let routes = self.routes.load();
             let now = Instant::now();
             let mut seen = Vec::new();
+            // Built once a round, for the peers due a snapshot.
+            let mut snapshot = None;
             for link in routes.interest_links() {
                 seen.push(link.node);
                 let Some(conn) = link.state.borrow().conn.as_ref().map(|c| c.id()) else {
@@ -532,7 +543,8 @@ impl Shared {
                 let applied = *self.inbound(link.node).borrow();
                 if due {
                     snapshots.insert(link.node, (conn, now));
-                    self.send_interest(link, applied, true, &announcer.snapshot(), &announcer);
+                    let snapshot = snapshot.get_or_insert_with(|| announcer.snapshot());
+                    self.send_interest(link, applied, true, snapshot, &announcer);
                 } else if !changes.is_empty() || synced.contains(&link.node) {
                     self.send_interest(link, applied, false, &changes, &announcer);
                 }
@@ -566,7 +578,7 @@ impl Shared {
             });
         match frame {
             Ok(frame) => {
-                self.send_command(kind_of_interest(), std::slice::from_ref(link), frame, false)
+                self.send_command(INTEREST_KIND, std::slice::from_ref(link), frame, false);
             }
             Err(e) => warn!(error = %e, "interest announcement could not be encoded"),
         }

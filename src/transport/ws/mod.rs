@@ -402,13 +402,21 @@ struct StreamIo {
     deliver: Option<mpsc::UnboundedSender<Item>>,
     /// Wakes the sender: credit came, the stream was reset, or the connection closed.
     credit: Arc<Notify>,
-    send_alive: bool,
 }
 
 /// The mux state and the streams' I/O, behind one lock (never held across an await).
 struct State {
     mux: Mux,
+    /// The I/O side of the streams the mux has (an entry goes when the mux's does).
     streams: HashMap<u32, StreamIo>,
+}
+
+impl State {
+    fn forget_if_gone(&mut self, id: u32) {
+        if !self.mux.has_stream(id) {
+            self.streams.remove(&id);
+        }
+    }
 }
 
 struct Inner {
@@ -517,24 +525,17 @@ impl Inner {
         self.set_closed(err);
     }
 
-    /// Our receive half of stream `id` is gone.
+    /// Our receive half of stream `id` is gone (on a closed connection nothing is told: the
+    /// writer is gone, and a violation there is no news).
     fn recv_dropped(&self, id: u32) {
         let res = {
             let mut state = self.state();
-            let remove = match state.streams.get_mut(&id) {
-                Some(io) => {
-                    io.deliver = None;
-                    !io.send_alive
-                }
-                None => false,
-            };
-            if remove {
-                state.streams.remove(&id);
+            if let Some(io) = state.streams.get_mut(&id) {
+                io.deliver = None;
             }
-            if self.closed_error().is_some() {
-                return;
-            }
-            state.mux.recv_dropped(id)
+            let res = state.mux.recv_dropped(id);
+            state.forget_if_gone(id);
+            res
         };
         self.then(res);
     }
@@ -542,17 +543,8 @@ impl Inner {
     /// Our send half of stream `id` is gone.
     fn send_dropped(&self, id: u32) {
         let mut state = self.state();
-        let remove = match state.streams.get_mut(&id) {
-            Some(io) => {
-                io.send_alive = false;
-                io.deliver.is_none()
-            }
-            None => false,
-        };
-        if remove {
-            state.streams.remove(&id);
-        }
         state.mux.send_dropped(id);
+        state.forget_if_gone(id);
     }
 }
 
@@ -669,7 +661,6 @@ impl WsConn {
             StreamIo {
                 deliver: recv.then_some(tx),
                 credit: credit.clone(),
-                send_alive: send,
             },
         );
         let send = send.then(|| WsSend {

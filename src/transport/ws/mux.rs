@@ -255,6 +255,11 @@ impl Mux {
         self.v2
     }
 
+    /// Whether stream `id` is open (either half of ours still there).
+    pub(crate) fn has_stream(&self, id: u32) -> bool {
+        self.streams.contains_key(&id)
+    }
+
     /// The connection's send credit left.
     #[cfg(test)]
     pub(crate) fn connection_credit(&self) -> i64 {
