@@ -10,7 +10,7 @@ import sys
 # Lowest first. A module's layer is its top-level module under src/.
 LAYERS = [
     {"error", "backoff", "incidents", "wire", "tls"},  # protocol and material, no I/O
-    {"peers", "answers", "interest"},                 # sans-IO decisions
+    {"peers", "answers", "interest", "probe"},        # sans-IO decisions
     {"transport", "membership", "seed"},               # I/O: frames, gossip, seeds
     {"config"},                                        # what a user configures
     {"mesh", "telemetry", "topology"},                 # the node

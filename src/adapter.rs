@@ -371,7 +371,7 @@ impl<E: SocketEmitter> NsHandler for MeshAdapter<E> {
                 }
             }
             // Handled by the mesh before a namespace is involved.
-            Command::ServerEvent { .. } | Command::Interest { .. } => {}
+            Command::ServerEvent { .. } | Command::Interest { .. } | Command::Probe(_) => {}
         }
     }
 

@@ -106,6 +106,9 @@ pub struct MeshConfig {
     pub(crate) max_in_flight_requests: usize,
     pub(crate) keep_alive_interval: Duration,
     pub(crate) idle_timeout: Duration,
+    pub(crate) probe_interval: Duration,
+    pub(crate) probe_timeout: Duration,
+    pub(crate) link_grace: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) reconnect_min: Duration,
     pub(crate) reconnect_max: Duration,
@@ -143,7 +146,7 @@ impl MeshConfig {
             tls_reload: Some(Duration::from_secs(30)),
             seeds: Vec::new(),
             seed_interval: Duration::from_secs(5),
-            gossip_interval: Duration::from_millis(100),
+            gossip_interval: Duration::from_secs(1),
             phi_threshold: 8.0,
             dead_node_grace_period: Duration::from_secs(300),
             request_timeout: Duration::from_secs(5),
@@ -157,8 +160,11 @@ impl MeshConfig {
             max_interest_rooms: 10_000,
             max_concurrent_streams: 1024,
             max_in_flight_requests: 4096,
-            keep_alive_interval: Duration::from_millis(500),
-            idle_timeout: Duration::from_secs(5),
+            keep_alive_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            probe_interval: Duration::from_millis(200),
+            probe_timeout: Duration::from_millis(700),
+            link_grace: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(3),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
@@ -348,6 +354,15 @@ impl MeshConfig {
         if let Some(v) = get("MESH_ROUTING") {
             cfg.routing = parse("MESH_ROUTING", v)?;
         }
+        if let Some(d) = ms("MESH_PROBE_INTERVAL_MS")? {
+            cfg.probe_interval = d;
+        }
+        if let Some(d) = ms("MESH_PROBE_TIMEOUT_MS")? {
+            cfg.probe_timeout = d;
+        }
+        if let Some(d) = ms("MESH_LINK_GRACE_MS")? {
+            cfg.link_grace = d;
+        }
         if let Some(d) = ms("MESH_INTEREST_INTERVAL_MS")? {
             cfg.interest_interval = d;
         }
@@ -406,8 +421,11 @@ impl MeshConfig {
         self
     }
 
-    /// The gossip period. The failure detector's expectations follow it: a killed peer is
-    /// declared dead after roughly 5-10 periods. Default: 100 ms.
+    /// The gossip period: how often a node exchanges digests with three others (anti-entropy
+    /// and its socket count). Joins, leaves, deaths and a node's own changes do not wait for
+    /// it: they travel on connections and probes at once. Gossip's own failure detector
+    /// (heartbeats, see [`with_phi_threshold`](Self::with_phi_threshold)) follows this period
+    /// and is only the last resort for peers of a release without probes. Default: 1 s.
     pub fn with_gossip_interval(mut self, interval: Duration) -> Self {
         self.gossip_interval = interval;
         self
@@ -525,11 +543,41 @@ impl MeshConfig {
         self
     }
 
-    /// Transport keep-alive period and idle timeout. The idle timeout is a second line of
-    /// defence behind gossip's failure detector. Defaults: 500 ms and 5 s.
+    /// Transport keep-alive period and idle timeout: they keep idle connections open (and
+    /// middleboxes' state warm), and the idle timeout is the last line of defence behind the
+    /// probes ([`with_probe`](Self::with_probe)). Defaults: 10 s and 30 s.
     pub fn with_keep_alive(mut self, interval: Duration, idle_timeout: Duration) -> Self {
         self.keep_alive_interval = interval;
         self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// Failure detection by probes: every `interval` this node pings one member (each in
+    /// turn); a member that leaves a ping unanswered for `timeout` is suspected (the others are
+    /// told) and pinged again; unanswered again, it is declared dead by every node that
+    /// checked. A member that went silent is therefore dropped by all within about
+    /// `interval` + 2 × `timeout`, at a cost that does not grow with the cluster (one ping
+    /// and one answer per node per `interval`). Defaults: 200 ms and 700 ms.
+    ///
+    /// ```
+    /// # use socketioxide_mesh::{DevCa, MeshConfig};
+    /// # use std::time::Duration;
+    /// # let tls = DevCa::generate("doc")?.node_tls("n0")?;
+    /// // A more patient detector, for nodes that stall under heavy GC-like pauses.
+    /// let cfg = MeshConfig::new(tls).with_probe(Duration::from_millis(500), Duration::from_secs(2));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_probe(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.probe_interval = interval;
+        self.probe_timeout = timeout;
+        self
+    }
+
+    /// How long a member whose connection closed (without a goodbye) stays listed while it is
+    /// redialed; past it, the member is dropped until it is back, and commands queued for it
+    /// are counted lost. A failed redial drops it at once. Default: 1 s.
+    pub fn with_link_grace(mut self, grace: Duration) -> Self {
+        self.link_grace = grace;
         self
     }
 
@@ -605,6 +653,9 @@ impl MeshConfig {
             s(60),
         )?;
         range("idle_timeout", self.idle_timeout, ms(100), s(600))?;
+        range("probe_interval", self.probe_interval, ms(10), s(60))?;
+        range("probe_timeout", self.probe_timeout, ms(10), s(3600))?;
+        range("link_grace", self.link_grace, Duration::ZERO, s(600))?;
         range(
             "slow_peer_timeout",
             self.slow_peer_timeout,

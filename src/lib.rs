@@ -107,6 +107,7 @@ mod interest;
 mod membership;
 mod mesh;
 mod peers;
+mod probe;
 pub mod seed;
 mod telemetry;
 pub mod tls;

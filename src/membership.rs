@@ -6,7 +6,7 @@
 //! implement its `Transport` (the message encoding became private, quickwit-oss/chitchat#207).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     net::SocketAddr,
     str::FromStr,
     sync::{Arc, Mutex},
@@ -17,11 +17,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chitchat::{
     Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, ChitchatMessage, Deserializable,
-    FailureDetectorConfig, NodeState, Serializable,
+    FailureDetectorConfig, ListenerHandle, NodeState, Serializable,
     transport::{Socket, Transport},
 };
 use socketioxide_core::Uid;
-use tokio::sync::{Mutex as AsyncMutex, mpsc, watch};
+use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc, watch};
 
 use crate::{Error, wire::PROTOCOL_VERSION};
 
@@ -36,7 +36,12 @@ pub(crate) mod keys {
     /// Present (`1`) on nodes that announce their rooms and understand announcements
     /// (interest-based routing): the previous release has no such key.
     pub const INTEREST: &str = "interest";
+    /// Present (`1`) on nodes that answer liveness probes (see `crate::probe`).
+    pub const PROBE: &str = "probe";
 }
+
+/// A node gossip never saw alive this long after its state arrived counts as dead.
+const NEVER_LIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Gossip messages waiting to be sent, bounded: like UDP, gossip is dropped under pressure.
 const GOSSIP_QUEUE: usize = 1024;
@@ -57,6 +62,11 @@ pub struct Member {
     pub sockets: u64,
     /// It announces its rooms and understands announcements (interest-based routing).
     pub(crate) interest: bool,
+    /// It answers liveness probes.
+    pub(crate) probe: bool,
+    /// Gossip's failure detector declared it dead (its heartbeats stopped). The mesh believes
+    /// a connection that answers its probes over this.
+    pub(crate) gossip_dead: bool,
 }
 
 impl Member {
@@ -72,6 +82,9 @@ pub(crate) struct Membership {
     chitchat: Arc<AsyncMutex<Chitchat>>,
     self_id: ChitchatId,
     transport: &'static str,
+    /// Woken when this node changes what it publishes (not its socket count): the mesh then
+    /// pushes the change to its peers instead of waiting for gossip rounds.
+    local_change: Arc<Notify>,
 }
 
 /// The channels between chitchat and the peer connections.
@@ -102,8 +115,22 @@ impl GossipMessage {
 }
 
 /// The live members, as gossip sees them (chitchat's types stay in this module).
+///
+/// chitchat re-evaluates liveness once per gossip round; with rounds seconds apart that would
+/// hold a new node back that long. This watch also wakes on every state change gossip
+/// brings, and reads the states directly: a node is a member from the moment its state
+/// arrives until chitchat's failure detector declares it dead (the mesh's own probes and
+/// connections usually notice first, see `crate::probe`).
 pub(crate) struct LiveWatch {
     rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    /// Nodes chitchat listed live at least once, and when each other node was first seen:
+    /// chitchat counts a node it has no heartbeat sample of yet as dead, which a new node is
+    /// not (unless it stays so for [`NEVER_LIVE`]).
+    ever_live: HashSet<ChitchatId>,
+    first_seen: std::collections::HashMap<ChitchatId, std::time::Instant>,
+    chitchat: Arc<AsyncMutex<Chitchat>>,
+    changed: Arc<Notify>,
+    _listener: ListenerHandle,
     self_id: ChitchatId,
     transport: &'static str,
 }
@@ -119,15 +146,42 @@ pub(crate) struct LiveView {
 impl LiveWatch {
     /// Wait for a change; `Err` once membership stopped.
     pub(crate) async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
-        self.rx.changed().await
+        tokio::select! {
+            r = self.rx.changed() => r,
+            _ = self.changed.notified() => Ok(()),
+        }
     }
 
     /// The members now.
-    pub(crate) fn view(&mut self) -> LiveView {
-        let live = self.rx.borrow_and_update();
+    pub(crate) async fn view(&mut self) -> LiveView {
+        self.rx.borrow_and_update();
+        let chitchat = self.chitchat.lock().await;
+        let now = std::time::Instant::now();
+        let states = chitchat.node_states();
+        self.ever_live.extend(chitchat.live_nodes().cloned());
+        self.ever_live.retain(|id| states.contains_key(id));
+        self.first_seen.retain(|id, _| states.contains_key(id));
+        for id in states.keys() {
+            self.first_seen.entry(id.clone()).or_insert(now);
+        }
+        let dead: HashSet<ChitchatId> = chitchat
+            .dead_nodes()
+            .filter(|id| {
+                self.ever_live.contains(*id)
+                    || self
+                        .first_seen
+                        .get(*id)
+                        .is_some_and(|t| now.duration_since(*t) >= NEVER_LIVE)
+            })
+            .cloned()
+            .collect();
+        let states = states
+            .iter()
+            .filter(|(_, state)| state.get(keys::LEAVING).is_none());
         LiveView {
-            members: parse_members(&live, &self.self_id, self.transport),
-            listed: live
+            members: parse_members(states, &dead, &self.self_id, self.transport),
+            listed: chitchat
+                .node_states()
                 .keys()
                 .filter_map(|id| Uid::from_str(&id.node_id).ok())
                 .collect(),
@@ -226,6 +280,7 @@ impl Membership {
         let mut initial = vec![
             (keys::VERSION.to_string(), PROTOCOL_VERSION.to_string()),
             (keys::TRANSPORT.to_string(), cfg.transport.to_string()),
+            (keys::PROBE.to_string(), "1".to_string()),
         ];
         if cfg.interest {
             initial.push((keys::INTEREST.to_string(), "1".to_string()));
@@ -240,27 +295,52 @@ impl Membership {
                 chitchat,
                 self_id,
                 transport: cfg.transport,
+                local_change: Arc::new(Notify::new()),
             },
             GossipPipes { out_rx, in_tx },
         ))
     }
 
     pub(crate) async fn live_watcher(&self) -> LiveWatch {
+        let changed = Arc::new(Notify::new());
+        let chitchat = self.chitchat.lock().await;
+        let notify = changed.clone();
+        // Every key another node changes (a new node's keys arrive the same way).
+        let listener = chitchat.subscribe_event("", move |_| notify.notify_one());
         LiveWatch {
-            rx: self.chitchat.lock().await.live_nodes_watcher(),
+            rx: chitchat.live_nodes_watcher(),
+            ever_live: HashSet::new(),
+            first_seen: std::collections::HashMap::new(),
+            chitchat: self.chitchat.clone(),
+            changed,
+            _listener: listener,
             self_id: self.self_id.clone(),
             transport: self.transport,
         }
     }
 
+    /// Woken when this node changes what it publishes (see [`Membership::set`]).
+    pub(crate) fn local_change(&self) -> Arc<Notify> {
+        self.local_change.clone()
+    }
+
+    /// Publish `key`. Anything but the socket count wakes [`Membership::local_change`].
     pub(crate) async fn set(&self, key: &str, value: &str) {
-        self.chitchat.lock().await.self_node_state().set(key, value);
+        let mut chitchat = self.chitchat.lock().await;
+        if chitchat.self_node_state().get(key) == Some(value) {
+            return;
+        }
+        chitchat.self_node_state().set(key, value);
+        if key != keys::SOCKETS {
+            self.local_change.notify_one();
+        }
     }
 
     pub(crate) async fn delete(&self, key: &str) {
         let mut chitchat = self.chitchat.lock().await;
         if chitchat.self_node_state().get(key).is_some() {
             chitchat.self_node_state().delete(key);
+            self.local_change.notify_one();
         }
     }
 
@@ -282,12 +362,13 @@ impl Membership {
 }
 
 /// Parse the live map into members, skipping ourselves and nodes we cannot talk to.
-fn parse_members(
-    live: &BTreeMap<ChitchatId, NodeState>,
+fn parse_members<'a>(
+    live: impl Iterator<Item = (&'a ChitchatId, &'a NodeState)>,
+    dead: &HashSet<ChitchatId>,
     self_id: &ChitchatId,
     transport: &str,
 ) -> Vec<Member> {
-    let mut out = Vec::with_capacity(live.len());
+    let mut out = Vec::new();
     for (id, state) in live {
         if id.node_id == self_id.node_id {
             continue;
@@ -322,6 +403,8 @@ fn parse_members(
             namespaces,
             sockets,
             interest: state.get(keys::INTEREST) == Some("1"),
+            probe: state.get(keys::PROBE) == Some("1"),
+            gossip_dead: dead.contains(id),
         });
     }
     out

@@ -50,6 +50,19 @@ struct Node {
     canonical: Option<ConnId>,
     /// Non-canonical connections (gossip only).
     others: Vec<ConnId>,
+    /// Its canonical connection closed (not with a goodbye) and none replaced it yet.
+    lost: Option<Lost>,
+    /// It had a canonical connection once.
+    reached: bool,
+}
+
+/// A member whose connection closed: redialed at once; listed for `link_grace`, then dropped
+/// until it is back; declared dead when a redial fails.
+#[derive(Debug, Clone, Copy)]
+struct Lost {
+    since: Instant,
+    /// The grace ran out: it was dropped ([`Action::Forget`]) and is not listed.
+    dropped: bool,
 }
 
 #[derive(Debug)]
@@ -75,6 +88,11 @@ pub(crate) struct PeerTable {
     /// keeps gossiping to dead members for their grace period) but is no reason to dial: a
     /// node that comes back dials us itself. Seeds still dial them.
     dead: HashMap<SocketAddr, Instant>,
+    /// Members this node declared dead itself (a failed redial, unanswered probes) while
+    /// gossip may still list them: not members again until they connect.
+    declared: HashMap<NodeId, Instant>,
+    /// How long a member whose connection closed stays listed, waiting for a new one.
+    link_grace: Duration,
     actions: VecDeque<Action>,
 }
 
@@ -90,7 +108,13 @@ pub(crate) const MAX_CONCURRENT_DIALS: usize = 8;
 const BARE_ADDR_RETRIES: u32 = 6;
 
 impl PeerTable {
-    pub(crate) fn new(me: NodeId, my_addr: SocketAddr, backoff: Backoff, max_addrs: usize) -> Self {
+    pub(crate) fn new(
+        me: NodeId,
+        my_addr: SocketAddr,
+        backoff: Backoff,
+        max_addrs: usize,
+        link_grace: Duration,
+    ) -> Self {
         Self {
             me,
             my_addr,
@@ -100,8 +124,46 @@ impl PeerTable {
             addrs: HashMap::new(),
             conns: HashMap::new(),
             dead: HashMap::new(),
+            declared: HashMap::new(),
+            link_grace,
             actions: VecDeque::new(),
         }
+    }
+
+    /// Whether `node` is listed as a member: live in gossip, not declared dead here, and not
+    /// without a connection for longer than the grace.
+    pub(crate) fn listed(&self, node: &NodeId) -> bool {
+        self.nodes.get(node).is_some_and(|n| {
+            n.live
+                && !n.lost.is_some_and(|l| l.dropped)
+                // Never reached, at an address that is ours or another node's now: an older
+                // incarnation gossip still carries, which no dial will ever rule out.
+                && (n.reached
+                    || (n.addr != self.my_addr && !self.addr_taken_by_other(*node, n.addr)))
+        })
+    }
+
+    /// Declare `node` dead (its probes went unanswered): close its connections, drop it, and
+    /// do not dial it until it connects again.
+    pub(crate) fn declare(&mut self, now: Instant, node: NodeId) {
+        let Some(n) = self.nodes.get(&node) else {
+            return;
+        };
+        let addr = n.addr;
+        self.mark_dead(now, addr, true);
+        self.remember_declared(now, node);
+        self.forget(node, CloseCode::PeerDead);
+    }
+
+    fn remember_declared(&mut self, now: Instant, node: NodeId) {
+        if self.declared.len() >= self.max_addrs {
+            self.declared
+                .retain(|_, since| now.duration_since(*since) < DEAD_ADDR_MEMORY);
+            if self.declared.len() >= self.max_addrs {
+                return;
+            }
+        }
+        self.declared.insert(node, now);
     }
 
     /// Whether a connection dialed by `dialer` to `acceptor` is canonical.
@@ -115,10 +177,15 @@ impl PeerTable {
 
     /// The full set of live members (without us), as membership sees it now.
     pub(crate) fn set_live(&mut self, now: Instant, live: &[(NodeId, SocketAddr)]) {
+        // A member we declared dead stays out until it connects again; once gossip forgets
+        // it, so do we.
+        self.declared.retain(|id, since| {
+            now.duration_since(*since) < DEAD_ADDR_MEMORY && live.iter().any(|(l, _)| l == id)
+        });
         let live_ids: HashMap<NodeId, SocketAddr> = live
             .iter()
             .copied()
-            .filter(|(id, _)| *id != self.me)
+            .filter(|(id, _)| *id != self.me && !self.declared.contains_key(id))
             .collect();
         let gone: Vec<NodeId> = self
             .nodes
@@ -143,6 +210,8 @@ impl PeerTable {
                 live: true,
                 canonical: None,
                 others: Vec::new(),
+                lost: None,
+                reached: false,
             });
             node.live = true;
             node.addr = addr;
@@ -213,6 +282,7 @@ impl PeerTable {
         dialed: bool,
     ) {
         self.dead.remove(&addr);
+        self.declared.remove(&node);
         if dialed && let Some(a) = self.addrs.get_mut(&addr) {
             a.dialing = false;
             a.wanted = false;
@@ -230,9 +300,13 @@ impl PeerTable {
             live: false,
             canonical: None,
             others: Vec::new(),
+            lost: None,
+            reached: false,
         });
         entry.addr = addr;
         if canonical {
+            entry.lost = None;
+            entry.reached = true;
             // The newest canonical connection wins: the dialer only dials when it has none,
             // so an older one still open here is one the dialer already gave up.
             if let Some(old) = entry.canonical.replace(conn) {
@@ -282,12 +356,22 @@ impl PeerTable {
             });
             let addr = node.addr;
             let live = node.live;
-            if let Some(a) = self.addrs.get_mut(&addr) {
-                a.next_attempt = now + self.backoff.min;
+            if live {
+                node.lost = Some(Lost {
+                    since: now,
+                    dropped: false,
+                });
             }
             if !live && node.others.is_empty() {
                 // Known only through that connection: nothing left to keep.
                 self.forget(id, CloseCode::PeerDead);
+            } else if live {
+                // Redial soon, whichever side we are: the lower node to restore the canonical
+                // connection, the higher one to be dialed back. A failed redial declares it.
+                self.want_addr(now, addr);
+                if let Some(a) = self.addrs.get_mut(&addr) {
+                    a.next_attempt = now + self.backoff.min;
+                }
             }
         } else if !node.live && node.canonical.is_none() && node.others.is_empty() {
             self.nodes.remove(&id);
@@ -296,6 +380,22 @@ impl PeerTable {
 
     /// A dial failed.
     pub(crate) fn dial_failed(&mut self, now: Instant, addr: SocketAddr, jitter: f64) {
+        // A member whose connection closed, and that we cannot reach again, is dead; so is one
+        // gossip told us about that we never reached (a node that left before we heard).
+        let lost: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| {
+                n.addr == addr
+                    && n.canonical.is_none()
+                    && n.others.is_empty()
+                    && (n.lost.is_some() || !n.reached)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            self.declare(now, id);
+        }
         // A member we must dial is retried; a bare address a few times quickly, then only when
         // wanted again.
         let member = self
@@ -363,6 +463,24 @@ impl PeerTable {
         if let Some(a) = self.actions.pop_front() {
             return Some(a);
         }
+        // Members without a connection past the grace: dropped until they are back.
+        let grace = self.link_grace;
+        let expired: Vec<NodeId> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|(id, n)| {
+                let lost = n.lost.as_mut()?;
+                (!lost.dropped && now.duration_since(lost.since) >= grace).then(|| {
+                    lost.dropped = true;
+                    *id
+                })
+            })
+            .collect();
+        if !expired.is_empty() {
+            self.actions
+                .extend(expired.into_iter().map(|node| Action::Forget { node }));
+            return self.actions.pop_front();
+        }
         // Members we must dial (we are the lower id) and have no canonical connection to. An
         // address now connected to another node (a restart at the same address, before the
         // old incarnation is declared dead) is not dialed again for the old one.
@@ -407,13 +525,20 @@ impl PeerTable {
     /// When [`poll_action`](Self::poll_action) may have something new without any event (at
     /// the dial cap: none, the end of a dial is an event).
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        let grace = self
+            .nodes
+            .values()
+            .filter_map(|n| n.lost.filter(|l| !l.dropped))
+            .map(|l| l.since + self.link_grace)
+            .min();
         if self.dials_in_progress() >= MAX_CONCURRENT_DIALS {
-            return None;
+            return grace;
         }
         self.addrs
             .values()
             .filter(|a| a.wanted && !a.dialing)
             .map(|a| a.next_attempt)
+            .chain(grace)
             .min()
     }
 
@@ -471,8 +596,11 @@ mod tests {
                 max: 1000 * MS,
             },
             8,
+            GRACE,
         )
     }
+
+    const GRACE: Duration = Duration::from_millis(1000);
 
     fn drain(t: &mut PeerTable, now: Instant) -> Vec<Action> {
         std::iter::from_fn(|| t.poll_action(now)).collect()
@@ -623,6 +751,7 @@ mod tests {
                 max: 1000 * MS,
             },
             64,
+            GRACE,
         );
         // A fleet starts together: many members to dial at once.
         for port in 100..130 {

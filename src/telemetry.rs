@@ -38,10 +38,21 @@ const REFUSED: &str = "socketioxide_mesh_connections_refused_total";
 const DIALS_FAILED: &str = "socketioxide_mesh_dials_failed_total";
 const QUERIES: &str = "socketioxide_mesh_queries_total";
 const ROUTED_AWAY: &str = "socketioxide_mesh_broadcasts_routed_away_total";
+const PROBES_UNANSWERED: &str = "socketioxide_mesh_probes_unanswered_total";
+const DECLARED_DEAD: &str = "socketioxide_mesh_peers_declared_dead_total";
 const REQUEST_DURATION: &str = "socketioxide_mesh_request_duration_seconds";
 
 /// Describe every metric (units, help texts) to the recorder; idempotent.
 pub(crate) fn describe() {
+    describe_counter!(
+        PROBES_UNANSWERED,
+        "Liveness probes a peer left unanswered for the probe timeout (the peer was suspected)"
+    );
+    describe_counter!(
+        DECLARED_DEAD,
+        "Peers this node declared dead: probes unanswered twice, or a failed redial after \
+         their connection closed"
+    );
     describe_counter!(
         ROUTED_AWAY,
         "Room broadcasts not sent to a peer that announced no member in their rooms \
@@ -180,6 +191,8 @@ pub(crate) fn publish(
     counter!(QUERIES, "outcome" => "answered").absolute(stats.queries_answered);
     counter!(QUERIES, "outcome" => "refused").absolute(stats.queries_refused);
     counter!(ROUTED_AWAY).absolute(stats.broadcasts_routed_away);
+    counter!(PROBES_UNANSWERED).absolute(stats.probes_unanswered);
+    counter!(DECLARED_DEAD).absolute(stats.peers_declared_dead);
 }
 
 /// A request to peers ended.

@@ -112,6 +112,24 @@ pub(crate) enum Command {
         snapshot: bool,
         namespaces: Vec<NsInterest>,
     },
+    /// Failure detection (see [`crate::probe`]). Sent only to peers that announce the
+    /// `probe` capability in gossip.
+    #[serde(rename = "6")]
+    Probe(Probe),
+}
+
+/// A failure-detection message: a probe, its answer, or a suspicion to check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Probe {
+    /// Are you there? Answer with [`Probe::Pong`] of the same number.
+    #[serde(rename = "0")]
+    Ping(u64),
+    /// The answer to [`Probe::Ping`].
+    #[serde(rename = "1")]
+    Pong(u64),
+    /// The sender's probes of this node (its id) went unanswered: probe it too.
+    #[serde(rename = "2")]
+    Suspect(Str),
 }
 
 /// The sender's rooms in one namespace: every room (`everything`), or `add`/`del` applied to
@@ -132,7 +150,7 @@ impl Command {
             | Command::AddSockets { ns, .. }
             | Command::DelSockets { ns, .. }
             | Command::DisconnectSockets { ns, .. } => Some(ns),
-            Command::ServerEvent { .. } | Command::Interest { .. } => None,
+            Command::ServerEvent { .. } | Command::Interest { .. } | Command::Probe(_) => None,
         }
     }
 }
@@ -175,6 +193,8 @@ pub(crate) enum CommandRef<'a> {
         snapshot: bool,
         namespaces: &'a [NsInterest],
     },
+    #[serde(rename = "6")]
+    Probe(&'a Probe),
 }
 
 /// The encoding side of [`Query`].
@@ -766,6 +786,13 @@ mod tests {
                 namespaces: namespaces.clone(),
             },
         );
+        for p in [
+            Probe::Ping(7),
+            Probe::Pong(u64::MAX),
+            Probe::Suspect("n1".into()),
+        ] {
+            encodes_as(CommandRef::Probe(&p), Command::Probe(p.clone()));
+        }
     }
 
     #[test]
@@ -1090,7 +1117,7 @@ mod fuzz_tests {
 
     fn command(rng: &mut Rng) -> Command {
         let ns = Str::from(text(rng));
-        match rng.u8(..6) {
+        match rng.u8(..7) {
             0 => Command::Broadcast {
                 ns,
                 opts: opts(rng),
@@ -1114,6 +1141,11 @@ mod fuzz_tests {
                 event: text(rng),
                 data: WireBytes(blob(rng)),
             },
+            5 => Command::Probe(match rng.u8(..3) {
+                0 => Probe::Ping(rng.u64(..)),
+                1 => Probe::Pong(rng.u64(..)),
+                _ => Probe::Suspect(Str::from(text(rng))),
+            }),
             _ => Command::Interest {
                 applied: rng.u64(..),
                 snapshot: rng.bool(),
@@ -1154,6 +1186,7 @@ mod fuzz_tests {
                 snapshot: *snapshot,
                 namespaces,
             },
+            Command::Probe(p) => CommandRef::Probe(p),
         };
         encode(&r).expect("commands encode")
     }
@@ -1307,6 +1340,8 @@ mod fuzz_tests {
                             .chain(n.add.iter().chain(&n.del).map(|r| &**r))
                     })
                     .collect(),
+                Command::Probe(Probe::Suspect(node)) => vec![node.as_str()],
+                Command::Probe(_) => Vec::new(),
             }
         }
     }

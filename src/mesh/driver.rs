@@ -23,8 +23,9 @@ use crate::{
     MeshConfig,
     membership::{Member, keys},
     peers::{Action, Backoff, ConnId, NodeId, PeerTable},
+    probe::{Out as ProbeOut, Prober},
     transport::{CloseCode, Conn, TransportError},
-    wire::Hello,
+    wire::{Hello, Probe},
 };
 
 /// Addresses tracked for dialing at most (seeds, gossip targets, members).
@@ -49,6 +50,10 @@ enum Event {
     },
 }
 
+/// How long after a change of this node's published state it is pushed to the peers: changes
+/// made together (a namespace and the server id) go in one exchange.
+const PUSH_DELAY: Duration = Duration::from_millis(20);
+
 struct ConnEntry {
     conn: Conn,
     node: NodeId,
@@ -64,8 +69,22 @@ struct Driver {
     gossip_routes: HashMap<SocketAddr, ConnId>,
     /// Nodes that said goodbye: ignored even if gossip still lists them for a moment.
     departed: HashSet<NodeId>,
-    /// The live members, as last published.
+    /// The members gossip lists, as last read.
+    gossip: Vec<Member>,
+    /// The members gossip lists (without those that said goodbye, and without those its
+    /// failure detector declared dead unless a connection that answers probes says
+    /// otherwise), by address.
+    candidates: Vec<Member>,
+    /// Candidates we were introduced to (a gossip exchange asked for), so that a node with a
+    /// lower id learns of us at once and dials us.
+    greeted: HashSet<NodeId>,
+    /// The live members, as last published: the candidates the peer table lists.
     members: Vec<Member>,
+    /// Membership or a link changed since the members were last published.
+    dirty: bool,
+    /// When this node's own changes are pushed to its peers.
+    push_at: Option<Instant>,
+    prober: Prober,
     events_tx: mpsc::Sender<Event>,
     /// Where joining the mesh stands (for readiness).
     join: Join,
@@ -96,6 +115,7 @@ pub(super) async fn spawn(
     shared: Arc<Shared>,
     cfg: &MeshConfig,
     gossip_out: mpsc::Receiver<(SocketAddr, Bytes)>,
+    probes: mpsc::Receiver<(NodeId, Probe)>,
 ) {
     let (events_tx, events_rx) = mpsc::channel(256);
     let table = PeerTable::new(
@@ -106,6 +126,7 @@ pub(super) async fn spawn(
             max: cfg.reconnect_max,
         },
         MAX_DIAL_ADDRS,
+        cfg.link_grace,
     );
     let live = shared.membership.live_watcher().await;
     let (seeds_tx, seeds_rx) = mpsc::channel(16);
@@ -115,7 +136,13 @@ pub(super) async fn spawn(
         conns: HashMap::new(),
         gossip_routes: HashMap::new(),
         departed: HashSet::new(),
+        gossip: Vec::new(),
+        candidates: Vec::new(),
+        greeted: HashSet::new(),
         members: Vec::new(),
+        dirty: false,
+        push_at: None,
+        prober: Prober::new(cfg.probe_timeout),
         events_tx: events_tx.clone(),
         join: if shared.seeds.is_empty() {
             Join::Done
@@ -137,7 +164,7 @@ pub(super) async fn spawn(
     }
     shared
         .tasks
-        .spawn(driver.run(events_rx, live, gossip_out, seeds_rx));
+        .spawn(driver.run(events_rx, live, gossip_out, seeds_rx, probes));
 }
 
 impl Driver {
@@ -147,14 +174,21 @@ impl Driver {
         mut live: crate::membership::LiveWatch,
         mut gossip_out: mpsc::Receiver<(SocketAddr, Bytes)>,
         mut seeds: mpsc::Receiver<SeedRound>,
+        mut probes: mpsc::Receiver<(NodeId, Probe)>,
     ) {
         let cancel = self.shared.cancel.clone();
+        let local_change = self.shared.membership.local_change();
+        let mut probe_tick = tokio::time::interval(self.shared.settings.probe_interval);
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.update_ready();
         loop {
             let wake = self
                 .table
                 .poll_timeout()
                 .map(Instant::from_std)
+                .into_iter()
+                .chain(self.push_at)
+                .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -163,14 +197,26 @@ impl Driver {
                     if changed.is_err() {
                         break;
                     }
-                    let view = live.view();
+                    let view = live.view().await;
                     self.on_members(view);
                 }
                 Some((addr, frame)) = gossip_out.recv() => self.on_gossip_out(addr, frame),
                 Some(round) = seeds.recv() => self.on_seeds(round),
+                Some((node, probe)) = probes.recv() => self.on_probe(node, probe),
+                _ = probe_tick.tick() => self.probe_round(),
+                _ = local_change.notified() => {
+                    self.push_at.get_or_insert(Instant::now() + PUSH_DELAY);
+                }
                 _ = sleep_until(wake) => {}
             }
+            if self.push_at.is_some_and(|at| at <= Instant::now()) {
+                self.push_at = None;
+                self.push_own_state();
+            }
             self.run_actions();
+            if std::mem::take(&mut self.dirty) {
+                self.publish();
+            }
             self.update_ready();
             self.shared
                 .stats
@@ -187,7 +233,6 @@ impl Driver {
 
     fn run_actions(&mut self) {
         let now = std::time::Instant::now();
-        let mut forgot = false;
         while let Some(action) = self.table.poll_action(now) {
             match action {
                 Action::Dial(addr) => self.dial(addr),
@@ -203,6 +248,7 @@ impl Driver {
                         .map(|e| e.conn.clone());
                     let link = self.ensure_link(node);
                     link.set_conn(conn);
+                    self.dirty = true;
                 }
                 Action::StopDialing { addr } => self.shared.transport.incidents().report(
                     Incident::DeadMember,
@@ -219,15 +265,145 @@ impl Driver {
                     let sent = link.as_ref().map(|l| l.next_seq());
                     if let Some(link) = link {
                         link.set_gone();
-                        forgot = true;
-                        info!(peer = %link.node_uid, "peer left the mesh");
+                        info!(peer = %link.node_uid, "peer dropped from the mesh (left, closed or declared dead)");
                     }
+                    self.prober.forget(&node);
                     self.shared.retire(&node, sent);
+                    self.dirty = true;
                 }
             }
         }
-        if forgot {
-            self.publish_routes();
+    }
+
+    /// Publish the members: the candidates the peer table lists (not declared dead, not
+    /// without a connection past the grace), with their links and routes.
+    fn publish(&mut self) {
+        let members: Vec<Member> = self
+            .candidates
+            .iter()
+            .filter(|m| self.table.listed(&m.node_id))
+            .cloned()
+            .collect();
+        for m in &members {
+            self.ensure_link(*m.node_id);
+        }
+        self.members = members.clone();
+        self.publish_routes();
+        let before = self.shared.members_tx.borrow().len();
+        if before != members.len() {
+            // The same count as `Mesh::members()`: the other nodes, not this one.
+            info!(
+                members = members.len(),
+                before, "mesh membership changed (members: the other live nodes)"
+            );
+        }
+        self.shared.members_tx.send_if_modified(|m| {
+            let changed = **m != members;
+            if changed {
+                *m = Arc::new(members);
+            }
+            changed
+        });
+    }
+
+    /// Push this node's published state to every peer it is connected to now (a gossip
+    /// exchange each), instead of waiting for the gossip rounds to carry it.
+    fn push_own_state(&mut self) {
+        let addrs: HashSet<SocketAddr> = self.conns.values().map(|e| e.addr).collect();
+        for addr in addrs {
+            self.shared.membership.gossip_to(addr);
+        }
+    }
+
+    /// One probe period (see [`crate::probe`]): ping the next member, act on expired pings.
+    fn probe_round(&mut self) {
+        let now = std::time::Instant::now();
+        let links = self.shared.links();
+        let probed: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|m| m.probe)
+            .map(|m| *m.node_id)
+            .filter(|n| {
+                links
+                    .get(n)
+                    .is_some_and(|l| l.state.borrow().conn.is_some())
+            })
+            .collect();
+        drop(links);
+        let out = self
+            .prober
+            .tick(now, &probed, |round| fastrand::shuffle(round));
+        for o in out {
+            self.probe_out(now, o);
+        }
+    }
+
+    fn probe_out(&mut self, now: std::time::Instant, out: ProbeOut) {
+        match out {
+            ProbeOut::Ping { node, nonce } => {
+                if let Some(link) = self.shared.links().get(&node).cloned() {
+                    self.shared.send_probe(&link, &Probe::Ping(nonce));
+                }
+            }
+            ProbeOut::Suspect { node } => {
+                let uid = Uid::from_str(node.as_str()).unwrap_or_default();
+                debug!(peer = %uid, "probe unanswered: peer suspected, asking the others to check");
+                self.shared
+                    .stats
+                    .probes_unanswered
+                    .fetch_add(1, Ordering::Relaxed);
+                let links = self.shared.links();
+                let others: Vec<Arc<Link>> = self
+                    .members
+                    .iter()
+                    .filter(|m| m.probe && *m.node_id != node)
+                    .filter_map(|m| links.get(&*m.node_id).cloned())
+                    .collect();
+                drop(links);
+                let word = Probe::Suspect(node.as_str().to_string().into());
+                for link in &others {
+                    self.shared.send_probe(link, &word);
+                }
+            }
+            ProbeOut::Declare { node } => {
+                let uid = Uid::from_str(node.as_str()).unwrap_or_default();
+                warn!(peer = %uid, "peer declared dead: probes unanswered");
+                self.shared
+                    .stats
+                    .peers_declared_dead
+                    .fetch_add(1, Ordering::Relaxed);
+                self.table.declare(now, node);
+            }
+        }
+    }
+
+    /// A pong or a suspicion from `from`.
+    fn on_probe(&mut self, from: NodeId, probe: Probe) {
+        let now = std::time::Instant::now();
+        match probe {
+            Probe::Pong(nonce) => self.prober.on_pong(from, nonce),
+            Probe::Suspect(node) => {
+                let Ok(uid) = Uid::from_str(&node) else {
+                    debug!(peer = %from, "suspicion of a malformed node id ignored");
+                    return;
+                };
+                let node = *uid;
+                if node == self.shared.node_key {
+                    // Suspected ourselves: our answers are late. Nothing to check here.
+                    return;
+                }
+                let connected = self
+                    .shared
+                    .links()
+                    .get(&node)
+                    .is_some_and(|l| l.state.borrow().conn.is_some())
+                    && self.members.iter().any(|m| *m.node_id == node && m.probe);
+                if connected && let Some(out) = self.prober.on_suspect(now, node) {
+                    self.probe_out(now, out);
+                }
+            }
+            Probe::Ping(_) => {}
         }
     }
 
@@ -417,10 +593,20 @@ impl Driver {
                     info!(peer = %entry.node, "peer is leaving");
                     self.departed.insert(entry.node);
                     self.table.departed(now, entry.node);
+                    self.candidates.retain(|m| *m.node_id != entry.node);
+                    self.dirty = true;
                 } else {
                     debug!(peer = %entry.node, %error, "peer connection closed");
                 }
                 self.table.disconnected(now, conn);
+                if self
+                    .gossip
+                    .iter()
+                    .any(|m| m.gossip_dead && *m.node_id == entry.node)
+                {
+                    // Only its connection kept it: gossip's verdict stands now.
+                    self.update_candidates();
+                }
             }
         }
     }
@@ -433,35 +619,45 @@ impl Driver {
     }
 
     fn on_members(&mut self, live: crate::membership::LiveView) {
-        let mut members: Vec<Member> = live
-            .members
-            .into_iter()
-            .filter(|m| !self.departed.contains(&*m.node_id))
-            .collect();
-        members.sort_by_key(|m| m.addr);
         // Forget departed nodes once gossip forgot them too (bounded memory).
         let listed: HashSet<NodeId> = live.listed.iter().map(|u| **u).collect();
         self.departed.retain(|n| listed.contains(n));
+        self.gossip = live.members;
+        self.update_candidates();
+    }
+
+    /// Recompute the candidates from gossip's view and the connections, and tell the table.
+    fn update_candidates(&mut self) {
+        let connected: HashSet<NodeId> = self.conns.values().map(|e| e.node).collect();
+        let mut candidates: Vec<Member> = self
+            .gossip
+            .iter()
+            .filter(|m| !self.departed.contains(&*m.node_id))
+            .filter(|m| !m.gossip_dead || (m.probe && connected.contains(&*m.node_id)))
+            .cloned()
+            .collect();
+        candidates.sort_by_key(|m| m.addr);
 
         let pairs: Vec<(NodeId, SocketAddr)> =
-            members.iter().map(|m| (*m.node_id, m.addr)).collect();
+            candidates.iter().map(|m| (*m.node_id, m.addr)).collect();
         self.table.set_live(std::time::Instant::now(), &pairs);
-        for m in &members {
-            self.ensure_link(*m.node_id);
+        // A new member with a lower id dials us only once it knows us: introduce ourselves
+        // with a gossip exchange now rather than at some later round.
+        self.greeted
+            .retain(|n| candidates.iter().any(|m| *m.node_id == *n));
+        for m in &candidates {
+            let node = *m.node_id;
+            if PeerTable::is_canonical(node, self.shared.node_key)
+                && self.greeted.insert(node)
+                && !self.conns.values().any(|e| e.node == node)
+            {
+                self.shared.membership.gossip_to(m.addr);
+            }
         }
-        self.members = members.clone();
+        self.candidates = candidates;
         // Apply deaths before publishing, so watchers see links and members agree.
         self.run_actions();
-        self.publish_routes();
-        let before = self.shared.members_tx.borrow().len();
-        if before != members.len() {
-            // The same count as `Mesh::members()`: the other nodes, not this one.
-            info!(
-                members = members.len(),
-                before, "mesh membership changed (members: the other live nodes)"
-            );
-        }
-        self.shared.members_tx.send_replace(Arc::new(members));
+        self.dirty = true;
     }
 
     fn on_gossip_out(&mut self, addr: SocketAddr, frame: Bytes) {

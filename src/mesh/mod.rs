@@ -53,6 +53,9 @@ use crate::{
     wire::{CommandRef, Hello, QueryRef, Reply},
 };
 
+/// Pongs and suspicions from peers waiting for the prober, at most.
+const PROBE_QUEUE: usize = 1024;
+
 pub use server_event::ServerEvent;
 pub(crate) use shared::{NsHandler, Retired, Settings, Shared, Side, kind_of_ref};
 pub use stats::MeshStats;
@@ -206,9 +209,11 @@ impl Mesh {
             routing: config.routing,
             interest_interval: config.interest_interval,
             max_interest_rooms: config.max_interest_rooms,
+            probe_interval: config.probe_interval,
         };
         let cancel = CancellationToken::new();
         let (members_tx, _) = watch::channel(Arc::new(Vec::new()));
+        let (probe_tx, probe_rx) = tokio::sync::mpsc::channel(PROBE_QUEUE);
         let shared = Arc::new(Shared {
             settings,
             node_id,
@@ -225,6 +230,7 @@ impl Mesh {
             server_events: Mutex::new(HashMap::new()),
             server_handler: RwLock::new(None),
             members_tx,
+            probe_tx,
             ready_tx: watch::channel(false).0,
             request_permits: Arc::new(Semaphore::new(config.max_in_flight_requests)),
             stats: Arc::new(Stats::default()),
@@ -240,7 +246,7 @@ impl Mesh {
             tasks: TaskTracker::new(),
             seeds: config.seeds.clone(),
         });
-        driver::spawn(shared.clone(), &config, pipes.out_rx).await;
+        driver::spawn(shared.clone(), &config, pipes.out_rx, probe_rx).await;
         if config.routing {
             shared.tasks.spawn(shared.clone().announce_interest());
         }

@@ -53,13 +53,14 @@ pub(crate) trait NsHandler: Send + Sync + 'static {
 }
 
 /// Command kinds, as the `kind` label of the command counters.
-pub(crate) const COMMAND_KINDS: [&str; 6] = [
+pub(crate) const COMMAND_KINDS: [&str; 7] = [
     "broadcast",
     "join",
     "leave",
     "disconnect",
     "server_event",
     "interest",
+    "probe",
 ];
 
 pub(crate) fn kind_of_ref(cmd: &CommandRef<'_>) -> usize {
@@ -70,6 +71,7 @@ pub(crate) fn kind_of_ref(cmd: &CommandRef<'_>) -> usize {
         CommandRef::DisconnectSockets { .. } => 3,
         CommandRef::ServerEvent { .. } => 4,
         CommandRef::Interest { .. } => INTEREST_KIND,
+        CommandRef::Probe(_) => PROBE_KIND,
     }
 }
 
@@ -81,11 +83,14 @@ pub(crate) fn kind_of(cmd: &Command) -> usize {
         Command::DisconnectSockets { .. } => 3,
         Command::ServerEvent { .. } => 4,
         Command::Interest { .. } => INTEREST_KIND,
+        Command::Probe(_) => PROBE_KIND,
     }
 }
 
 /// The kind index of interest announcements (in [`COMMAND_KINDS`]).
 pub(crate) const INTEREST_KIND: usize = 5;
+/// The kind index of failure-detection messages (in [`COMMAND_KINDS`]).
+pub(crate) const PROBE_KIND: usize = 6;
 
 /// The interest scan takes at most one part in this many of a core: a scan that took `d` waits
 /// at least `d` × this before the next.
@@ -166,6 +171,8 @@ pub(crate) struct Settings {
     pub routing: bool,
     pub interest_interval: Duration,
     pub max_interest_rooms: usize,
+    /// Failure detection: one member pinged every `probe_interval` (see [`crate::probe`]).
+    pub probe_interval: Duration,
 }
 
 /// The state shared by the [`Mesh`] handles, the adapters and the tasks.
@@ -206,6 +213,9 @@ pub(crate) struct Shared {
     pub server_events: Mutex<HashMap<String, mpsc::Sender<ServerEvent>>>,
     /// The live members (without this node), published by the driver.
     pub members_tx: watch::Sender<Arc<Vec<Member>>>,
+    /// Pongs and suspicions received from peers, for the driver's prober. Bounded: past it
+    /// they are dropped (a probe then times out, as over a lossy link).
+    pub probe_tx: mpsc::Sender<(NodeId, wire::Probe)>,
     /// See [`Mesh::watch_ready`](super::Mesh::watch_ready).
     pub ready_tx: watch::Sender<bool>,
     /// Requests in flight at most (`max_in_flight_requests`).
@@ -278,6 +288,8 @@ impl Shared {
             queries_answered: l(&s.queries_answered),
             queries_refused: l(&s.queries_refused),
             broadcasts_routed_away: l(&s.broadcasts_routed_away),
+            probes_unanswered: l(&s.probes_unanswered),
+            peers_declared_dead: l(&s.peers_declared_dead),
         }
     }
 
@@ -356,6 +368,16 @@ impl Shared {
         }
         self.stats.queued_by_kind[kind].fetch_add(queued, Ordering::Relaxed);
         offered
+    }
+
+    /// Queue a failure-detection message to `link` (see [`crate::probe`]).
+    pub(crate) fn send_probe(&self, link: &Arc<Link>, probe: &wire::Probe) {
+        match self.encode_frame(&CommandRef::Probe(probe)) {
+            Ok(frame) => {
+                self.send_command(PROBE_KIND, std::slice::from_ref(link), frame, false);
+            }
+            Err(e) => warn!(error = %e, "probe could not be encoded"),
+        }
     }
 
     /// `n` peer deliveries of a room broadcast skipped by interest-based routing.
@@ -453,6 +475,22 @@ impl Shared {
     /// Apply a command from `peer`'s command stream `stream`.
     pub(crate) fn apply_from(self: &Arc<Self>, peer: Uid, stream: u64, cmd: Command) {
         match cmd {
+            Command::Probe(probe) => {
+                self.stats.applied_by_kind[PROBE_KIND].fetch_add(1, Ordering::Relaxed);
+                match probe {
+                    wire::Probe::Ping(nonce) => {
+                        let link = self.links().get(&*peer).cloned();
+                        if let Some(link) = link {
+                            self.send_probe(&link, &wire::Probe::Pong(nonce));
+                        }
+                    }
+                    other => {
+                        if self.probe_tx.try_send((*peer, other)).is_err() {
+                            debug!(peer = %peer, "prober busy: probe message dropped");
+                        }
+                    }
+                }
+            }
             Command::Interest {
                 applied,
                 snapshot,

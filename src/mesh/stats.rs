@@ -36,6 +36,8 @@ pub(crate) struct Stats {
     pub queries_refused: AtomicU64,
     /// Peer deliveries of room broadcasts not sent: the peer had no member in their rooms.
     pub broadcasts_routed_away: AtomicU64,
+    pub probes_unanswered: AtomicU64,
+    pub peers_declared_dead: AtomicU64,
 }
 
 /// A snapshot of a node's counters ([`Mesh::stats`](super::Mesh::stats)).
@@ -116,4 +118,10 @@ pub struct MeshStats {
     /// Room broadcasts not sent to a peer because it announced no member in their rooms
     /// (interest-based routing): one per broadcast and peer skipped.
     pub broadcasts_routed_away: u64,
+    /// Liveness probes a peer left unanswered for the probe timeout (it was then suspected,
+    /// and the other members asked to check).
+    pub probes_unanswered: u64,
+    /// Peers this node declared dead itself: probes unanswered twice, or a redial failed after
+    /// their connection closed.
+    pub peers_declared_dead: u64,
 }

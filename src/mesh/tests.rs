@@ -99,7 +99,11 @@ async fn pair_with_delay(
 ) -> (Mesh, Mesh, tokio::sync::mpsc::UnboundedReceiver<u32>) {
     let tls = DevCa::generate("mem").unwrap().node_tls("n").unwrap();
     let net = MemNetwork::new();
-    let tune = |c: MeshConfig| c.with_batch_delay(delay);
+    // No probes during the test: they are commands too, and would share the writes counted.
+    let tune = |c: MeshConfig| {
+        c.with_batch_delay(delay)
+            .with_probe(Duration::from_secs(60), Duration::from_secs(60))
+    };
     let a = mem_mesh_with(&net, &tls, &[], tune).await;
     let b = mem_mesh_with(&net, &tls, &[a.advertise_addr()], tune).await;
     members(&a, 1).await;

@@ -9,10 +9,13 @@ use crate::process::members as members_of;
 use crate::{common::*, process::*};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// The README: a killed node is declared dead in 0.3-1 s (100 ms gossip). The bound leaves room
-/// for a loaded 2-core CI machine and stays well under QUIC's idle timeout (5 s), so only the
-/// failure detector (or a closed TCP connection) can meet it.
+/// The README: a killed node is declared dead by all in about 1.5 s (probes every 200 ms,
+/// 700 ms timeout, two misses). The bound leaves room for a loaded 2-core CI machine and stays
+/// far under QUIC's idle timeout (30 s), so only the probes (or a closed TCP connection) can
+/// meet it.
 const DEATH_NOTICED: Duration = Duration::from_millis(2500);
+/// Probes that never declare anyone during a test (for tests that need a frozen peer to stay).
+const PATIENT_PROBES: Duration = Duration::from_secs(3600);
 /// A node that says goodbye is dropped at once: no detector, no timeout.
 const GOODBYE_NOTICED: Duration = Duration::from_secs(1);
 
@@ -100,7 +103,13 @@ async fn with_frozen_peer(
     certs: &TempDir,
     tune: impl Fn(MeshConfig) -> MeshConfig,
 ) -> anyhow::Result<(Cluster, ProcNode, Client)> {
-    let c = Cluster::start_with(kind, 2, |cfg| tune(cfg.with_phi_threshold(40.0))).await?;
+    let c = Cluster::start_with(kind, 2, |cfg| {
+        tune(
+            cfg.with_phi_threshold(40.0)
+                .with_probe(Duration::from_secs(60), PATIENT_PROBES),
+        )
+    })
+    .await?;
     let frozen = c.join_process(certs, &[]).await?;
     let healthy = c.nodes[1].client(&["/"]).await?;
     frozen.signal("STOP").await?;
@@ -313,6 +322,7 @@ async fn dropped_requests_stop_at_once(kind: TransportKind) -> anyhow::Result<()
     let (c, mut frozen, _healthy) = with_frozen_peer(kind, &certs, |cfg| {
         cfg.with_request_timeout(REQUEST_TIMEOUT)
             .with_phi_threshold(1e6)
+            .with_probe(Duration::from_secs(60), PATIENT_PROBES)
             .with_keep_alive(Duration::from_secs(1), REQUEST_TIMEOUT)
     })
     .await?;
