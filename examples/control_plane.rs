@@ -10,11 +10,14 @@
 //! - **converge**: from starting nodes 1..N (all at once) until every node lists every other;
 //! - **join seen by all**: one more node starts; until all N list it;
 //! - **leave seen by all**: that node shuts down gracefully; until none lists it;
-//! - **stop seen by all**: a node stops without leaving (its tasks and sockets dropped, as a
-//!   crash closes them); until none lists it;
-//! - **idle**: gossip payload bytes sent per node per second (before TLS and transport
-//!   overhead) and the process's CPU, all nodes together, over `--idle` seconds with no
-//!   traffic.
+//! - **stop seen by all**: a node is dropped (its tasks end and its connections close, as
+//!   when a process exits); until none lists it;
+//! - **crash seen by all**: a node in a child process is killed with SIGKILL after joining
+//!   (over QUIC nothing tells the others: only the probes can); until none lists it;
+//! - **idle**: per node and second, gossip payload bytes sent (before TLS and transport
+//!   overhead) and every byte on the loopback interface (all packets, both directions, keep-
+//!   alives and probes included, divided by N), and the process's CPU, all nodes together,
+//!   over `--idle` seconds with no traffic.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -36,9 +39,15 @@ struct Args {
     /// The idle measurement window, in seconds.
     #[arg(long, default_value_t = 10)]
     idle: u64,
-    /// Gossip period in milliseconds (default: the library's, 100).
+    /// Gossip period in milliseconds (default: the library's).
     #[arg(long)]
     gossip_ms: Option<u64>,
+    /// Internal: run one node with the TLS files of this directory, then wait to be killed.
+    #[arg(long, hide = true)]
+    child_dir: Option<std::path::PathBuf>,
+    /// Internal: the child's seed.
+    #[arg(long, hide = true)]
+    child_seed: Option<SocketAddr>,
 }
 
 /// The longest any step may take before the benchmark gives up.
@@ -62,6 +71,94 @@ fn config(
         cfg = cfg.with_seeds(StaticSeeds::new([seed.to_string()]));
     }
     Ok(cfg)
+}
+
+/// Bytes received plus sent on the loopback interface so far.
+fn loopback_bytes() -> u64 {
+    let Ok(dev) = std::fs::read_to_string("/proc/net/dev") else {
+        return 0;
+    };
+    dev.lines()
+        .find_map(|l| l.trim_start().strip_prefix("lo:"))
+        .map(|rest| {
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // Receive bytes is field 0, transmit bytes field 8.
+            f.first().copied().unwrap_or(0) + f.get(8).copied().unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// A node in a child process (this program again), killed to measure a crash.
+async fn crash(
+    args: &Args,
+    ca: &DevCa,
+    seed: SocketAddr,
+    nodes: &[&Mesh],
+) -> anyhow::Result<Duration> {
+    let dir = std::env::temp_dir().join(format!("control-plane-{}", std::process::id()));
+    ca.write_dir(&dir, "crash")?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--transport",
+            &args.transport,
+            "--child-seed",
+            &seed.to_string(),
+        ])
+        .arg("--child-dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+    })
+    .await??;
+    let id = line.trim().to_string();
+    anyhow::ensure!(!id.is_empty(), "the child did not start");
+    until_all(nodes, "crash join", |m| {
+        m.iter().any(|m| m.node_id.to_string() == id)
+    })
+    .await?;
+    // Let it settle (probes running, gossip quiet) before the kill.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    child.kill()?;
+    let _ = child.wait();
+    until_all(nodes, "crash", |m| {
+        m.iter().all(|m| m.node_id.to_string() != id)
+    })
+    .await?;
+    let took = t.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(took)
+}
+
+/// The child: one node, its id on stdout, then nothing until killed.
+fn child(args: &Args, dir: &std::path::Path, seed: SocketAddr) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let kind: TransportKind = args.transport.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut cfg = MeshConfig::new(socketioxide_mesh::TlsConfig::from_dir(dir)?)
+            .with_transport(kind)
+            .with_listen_addr(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .with_cluster_id("control-plane")
+            .with_seeds(StaticSeeds::new([seed.to_string()]));
+        if let Some(ms) = args.gossip_ms {
+            cfg = cfg.with_gossip_interval(Duration::from_millis(ms));
+        }
+        let mesh = Mesh::start(cfg).await?;
+        println!("{}", mesh.node_id());
+        std::future::pending::<()>().await;
+        drop(mesh);
+        Ok(())
+    })
 }
 
 /// CPU seconds this process used so far (user + system).
@@ -124,11 +221,13 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<String> {
     // Idle: gossip only.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let bytes = |nodes: &[Mesh]| -> u64 { nodes.iter().map(|m| m.stats().gossip_bytes_sent).sum() };
-    let (b0, c0, w0) = (bytes(&nodes), cpu_secs(), Instant::now());
+    let (b0, l0, c0, w0) = (bytes(&nodes), loopback_bytes(), cpu_secs(), Instant::now());
     tokio::time::sleep(Duration::from_secs(args.idle)).await;
     let secs = w0.elapsed().as_secs_f64();
-    let (b1, c1) = (bytes(&nodes), cpu_secs());
+    let (b1, l1, c1) = (bytes(&nodes), loopback_bytes(), cpu_secs());
     let kb_per_node = (b1 - b0) as f64 / n as f64 / secs / 1000.0;
+    // Loopback counts each packet once sent and once received.
+    let wire_per_node = l1.saturating_sub(l0) as f64 / 2.0 / n as f64 / secs / 1000.0;
     let cpu_pct = 100.0 * (c1 - c0) / secs;
 
     // A node joins, then leaves gracefully.
@@ -147,28 +246,35 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<String> {
     until_all(&rest, "stop", |m| m.iter().all(|m| m.node_id != id)).await?;
     let stop = t.elapsed();
 
+    let crashed = crash(args, &ca, seed, &rest).await?;
+
     for mesh in &nodes {
         mesh.shutdown().await;
     }
     Ok(format!(
-        "| {n} {} | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {kb_per_node:.1} | {cpu_pct:.1} % |",
+        "| {n} {} | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {:.2} s | {kb_per_node:.1} | {wire_per_node:.1} | {:.2} % |",
         args.transport,
         converge.as_secs_f64(),
         join.as_secs_f64(),
         leave.as_secs_f64(),
         stop.as_secs_f64(),
+        crashed.as_secs_f64(),
+        cpu_pct / n as f64,
     ))
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let (Some(dir), Some(seed)) = (&args.child_dir, args.child_seed) {
+        return child(&args, dir, seed);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     println!(
-        "| N | converge | join seen by all | leave seen by all | stop seen by all | idle gossip KB/s per node | idle CPU, all nodes (of one core) |"
+        "| N | converge | join seen by all | leave seen by all | stop seen by all | crash seen by all | idle gossip KB/s per node | idle wire KB/s per node | idle CPU per node (of one core) |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &n in &args.nodes {
         anyhow::ensure!(n >= 2, "at least 2 nodes");
         let row = rt.block_on(measure(&args, n))?;
