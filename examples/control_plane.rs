@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
-use socketioxide_mesh::{DevCa, Mesh, MeshConfig, StaticSeeds, TransportKind};
+use socketioxide_mesh::{DevCa, Mesh, MeshConfig, StaticSeeds, TlsConfig, TransportKind};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -53,14 +53,10 @@ struct Args {
 /// The longest any step may take before the benchmark gives up.
 const PATIENCE: Duration = Duration::from_secs(120);
 
-fn config(
-    args: &Args,
-    ca: &DevCa,
-    name: &str,
-    seed: Option<SocketAddr>,
-) -> anyhow::Result<MeshConfig> {
+/// A node's configuration: default settings but the gossip period, on loopback.
+fn config(args: &Args, tls: TlsConfig, seed: Option<SocketAddr>) -> anyhow::Result<MeshConfig> {
     let kind: TransportKind = args.transport.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut cfg = MeshConfig::new(ca.node_tls(name)?)
+    let mut cfg = MeshConfig::new(tls)
         .with_transport(kind)
         .with_listen_addr(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         .with_cluster_id("control-plane");
@@ -144,20 +140,9 @@ fn child(args: &Args, dir: &std::path::Path, seed: SocketAddr) -> anyhow::Result
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let kind: TransportKind = args.transport.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut cfg = MeshConfig::new(socketioxide_mesh::TlsConfig::from_dir(dir)?)
-            .with_transport(kind)
-            .with_listen_addr(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .with_cluster_id("control-plane")
-            .with_seeds(StaticSeeds::new([seed.to_string()]));
-        if let Some(ms) = args.gossip_ms {
-            cfg = cfg.with_gossip_interval(Duration::from_millis(ms));
-        }
-        let mesh = Mesh::start(cfg).await?;
-        println!("{}", mesh.node_id());
-        std::future::pending::<()>().await;
-        drop(mesh);
-        Ok(())
+        let _mesh = Mesh::start(config(args, TlsConfig::from_dir(dir)?, Some(seed))?).await?;
+        println!("{}", _mesh.node_id());
+        std::future::pending().await
     })
 }
 
@@ -202,12 +187,12 @@ async fn until_all(
 
 async fn measure(args: &Args, n: usize) -> anyhow::Result<String> {
     let ca = DevCa::generate("control plane")?;
-    let first = Mesh::start(config(args, &ca, "n0", None)?).await?;
+    let first = Mesh::start(config(args, ca.node_tls("n0")?, None)?).await?;
     let seed = first.advertise_addr();
     let t0 = Instant::now();
     let mut starting = Vec::new();
     for i in 1..n {
-        let cfg = config(args, &ca, &format!("n{i}"), Some(seed))?;
+        let cfg = config(args, ca.node_tls(&format!("n{i}"))?, Some(seed))?;
         starting.push(tokio::spawn(Mesh::start(cfg)));
     }
     let mut nodes = vec![first];
@@ -231,7 +216,7 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<String> {
     let cpu_pct = 100.0 * (c1 - c0) / secs;
 
     // A node joins, then leaves gracefully.
-    let extra = Mesh::start(config(args, &ca, "extra", Some(seed))?).await?;
+    let extra = Mesh::start(config(args, ca.node_tls("extra")?, Some(seed))?).await?;
     let id = extra.node_id();
     let join = until_all(&all, "join", |m| m.iter().any(|m| m.node_id == id)).await?;
     extra.shutdown().await;

@@ -35,18 +35,19 @@ pub struct Registered {
 /// assert!(!valid_cluster_id("") && !valid_cluster_id("a/b"));
 /// ```
 pub fn valid_cluster_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    valid_id(id, 64, b"._-")
 }
 
 /// Whether `id` is a valid node id: 1-128 characters from `[A-Za-z0-9._:-]`.
 pub fn valid_node_id(id: &str) -> bool {
+    valid_id(id, 128, b"._:-")
+}
+
+/// 1 to `max` characters, each ASCII alphanumeric or one of `extra`.
+fn valid_id(id: &str, max: usize, extra: &[u8]) -> bool {
     !id.is_empty()
-        && id.len() <= 128
+        && id.len() <= max
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
 }
