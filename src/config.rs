@@ -163,7 +163,7 @@ impl MeshConfig {
             keep_alive_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             probe_interval: Duration::from_millis(200),
-            probe_timeout: Duration::from_millis(700),
+            probe_timeout: Duration::from_millis(600),
             link_grace: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(3),
             reconnect_min: Duration::from_millis(100),
@@ -557,7 +557,7 @@ impl MeshConfig {
     /// told) and pinged again; unanswered again, it is declared dead by every node that
     /// checked. A member that went silent is therefore dropped by all within about
     /// `interval` + 2 × `timeout`, at a cost that does not grow with the cluster (one ping
-    /// and one answer per node per `interval`). Defaults: 200 ms and 700 ms.
+    /// and one answer per node per `interval`). Defaults: 200 ms and 600 ms.
     ///
     /// ```
     /// # use socketioxide_mesh::{DevCa, MeshConfig};

@@ -106,6 +106,8 @@ pub(crate) const MAX_CONCURRENT_DIALS: usize = 8;
 /// Quick retries of a bare address (a seed) whose dial failed, before it waits to be wanted
 /// again: nodes started together find each other although some listen a moment later.
 const BARE_ADDR_RETRIES: u32 = 6;
+/// Failed dials to a member gossip lists but we never reached before it counts as dead.
+const NEVER_REACHED_TRIES: u32 = 3;
 
 impl PeerTable {
     pub(crate) fn new(
@@ -136,11 +138,34 @@ impl PeerTable {
         self.nodes.get(node).is_some_and(|n| {
             n.live
                 && !n.lost.is_some_and(|l| l.dropped)
-                // Never reached, at an address that is ours or another node's now: an older
-                // incarnation gossip still carries, which no dial will ever rule out.
-                && (n.reached
-                    || (n.addr != self.my_addr && !self.addr_taken_by_other(*node, n.addr)))
+                // Never reached, at our own address: an older incarnation of this node that
+                // gossip still carries, which no dial will ever rule out.
+                && (n.reached || n.addr != self.my_addr)
         })
+    }
+
+    /// Whether `node` has its canonical connection (the one probes and commands use).
+    pub(crate) fn has_canonical(&self, node: &NodeId) -> bool {
+        self.nodes.get(node).is_some_and(|n| n.canonical.is_some())
+    }
+
+    /// Another member suspects `node`, which we cannot probe (no canonical connection). One
+    /// we never reached either is declared dead now (returns true); one whose connection
+    /// closed is redialed, and declared if that fails.
+    pub(crate) fn check(&mut self, now: Instant, node: &NodeId) -> bool {
+        let Some(n) = self.nodes.get(node) else {
+            return false;
+        };
+        if n.canonical.is_some() {
+            return false;
+        }
+        if !n.reached {
+            self.declare(now, *node);
+            return true;
+        }
+        let addr = n.addr;
+        self.want_addr(now, addr);
+        false
     }
 
     /// Declare `node` dead (its probes went unanswered): close its connections, drop it, and
@@ -150,7 +175,14 @@ impl PeerTable {
             return;
         };
         let addr = n.addr;
-        self.mark_dead(now, addr, true);
+        // A restart in place: the address is another live node's now, and stays dialable.
+        let reused = self
+            .nodes
+            .iter()
+            .any(|(id, other)| *id != node && other.addr == addr && other.live);
+        if !reused {
+            self.mark_dead(now, addr, true);
+        }
         self.remember_declared(now, node);
         self.forget(node, CloseCode::PeerDead);
     }
@@ -380,20 +412,29 @@ impl PeerTable {
 
     /// A dial failed.
     pub(crate) fn dial_failed(&mut self, now: Instant, addr: SocketAddr, jitter: f64) {
+        let failures = self
+            .addrs
+            .get(&addr)
+            .map_or(1, |a| a.failures.saturating_add(1));
         // A member whose connection closed, and that we cannot reach again, is dead; so is one
-        // gossip told us about that we never reached (a node that left before we heard).
-        let lost: Vec<NodeId> = self
+        // gossip told us about that we never reached in a few tries (a node that left before
+        // we heard of it). A node new at an address another used (a restart in place) may
+        // just be starting: the failure rules out the old one only. A gossip-only connection
+        // proves nothing: a killed peer's stays open over QUIC until the idle timeout.
+        let at_addr = self.nodes.values().filter(|n| n.addr == addr).count();
+        let unreachable: Vec<NodeId> = self
             .nodes
             .iter()
             .filter(|(_, n)| {
                 n.addr == addr
+                    && n.live
                     && n.canonical.is_none()
-                    && n.others.is_empty()
-                    && (n.lost.is_some() || !n.reached)
+                    && (n.lost.is_some()
+                        || (!n.reached && at_addr == 1 && failures >= NEVER_REACHED_TRIES))
             })
             .map(|(id, _)| *id)
             .collect();
-        for id in lost {
+        for id in unreachable {
             self.declare(now, id);
         }
         // A member we must dial is retried; a bare address a few times quickly, then only when
@@ -405,7 +446,7 @@ impl PeerTable {
         let dead = self.dead.contains_key(&addr);
         if let Some(a) = self.addrs.get_mut(&addr) {
             a.dialing = false;
-            a.failures = a.failures.saturating_add(1);
+            a.failures = failures;
             a.wanted = member || (!dead && a.failures <= BARE_ADDR_RETRIES);
             a.next_attempt = now + self.backoff.delay(a.failures, jitter);
         }
@@ -667,6 +708,109 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_closed_connection_keeps_the_member_for_the_grace_then_drops_it() {
+        let (mut t, _, high, now) = connected_member();
+        drain(&mut t, now);
+        t.disconnected(now, 5);
+        assert!(t.listed(&high), "listed during the grace");
+        let acts = drain(&mut t, now + 100 * MS);
+        assert!(acts.contains(&Action::Dial(addr(2))), "redialed: {acts:?}");
+        assert_eq!(
+            drain(&mut t, now + GRACE),
+            vec![Action::Forget { node: high }]
+        );
+        assert!(!t.listed(&high), "dropped past the grace");
+        // Back: listed again, routed on the new connection.
+        t.connected(now + GRACE, 6, high, addr(2), true);
+        assert!(t.listed(&high));
+        assert!(drain(&mut t, now + GRACE).contains(&Action::Route {
+            node: high,
+            conn: Some(6)
+        }));
+    }
+
+    #[test]
+    fn a_failed_redial_declares_the_member_and_gossip_cannot_bring_it_back() {
+        let (mut t, _, high, now) = connected_member();
+        drain(&mut t, now);
+        t.disconnected(now, 5);
+        drain(&mut t, now + 100 * MS);
+        t.dial_failed(now + 200 * MS, addr(2), 0.5);
+        let acts = drain(&mut t, now + 200 * MS);
+        assert!(
+            acts.contains(&Action::StopDialing { addr: addr(2) }),
+            "{acts:?}"
+        );
+        assert!(acts.contains(&Action::Forget { node: high }), "{acts:?}");
+        // Gossip still lists it: not a member, not dialed.
+        t.set_live(now + 300 * MS, &[(high, addr(2))]);
+        assert!(!t.listed(&high));
+        assert_eq!(drain(&mut t, now + 10 * GRACE), vec![]);
+        // It dials us: a member again.
+        t.connected(now + 10 * GRACE, 7, high, addr(2), false);
+        t.set_live(now + 10 * GRACE, &[(high, addr(2))]);
+        assert!(t.listed(&high));
+    }
+
+    #[test]
+    fn declaring_an_old_incarnation_keeps_its_address_for_the_new_one() {
+        let (mut t, low, old, now) = connected_member();
+        drain(&mut t, now);
+        // Restarted in place with a new id (higher than us, so we dial it).
+        let new = loop {
+            let n = Sid::new();
+            if PeerTable::is_canonical(low, n) {
+                break n;
+            }
+        };
+        t.set_live(now, &[(old, addr(2)), (new, addr(2))]);
+        t.declare(now, old);
+        let acts = drain(&mut t, now);
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::StopDialing { .. })),
+            "{acts:?}"
+        );
+        assert!(
+            acts.contains(&Action::Dial(addr(2))),
+            "the new one is dialed: {acts:?}"
+        );
+        assert!(t.listed(&new) && !t.listed(&old));
+    }
+
+    #[test]
+    fn a_member_never_reached_is_declared_after_a_few_failed_dials() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(low);
+        t.set_live(now, &[(high, addr(2))]);
+        for i in 1..=NEVER_REACHED_TRIES {
+            let at = now + GRACE * i;
+            assert!(t.listed(&high), "listed before try {i}");
+            assert_eq!(drain(&mut t, at), vec![Action::Dial(addr(2))]);
+            t.dial_failed(at, addr(2), 0.5);
+        }
+        assert!(!t.listed(&high));
+        assert!(drain(&mut t, now + GRACE * 10).contains(&Action::StopDialing { addr: addr(2) }));
+    }
+
+    #[test]
+    fn a_suspicion_declares_a_member_never_reached_and_redials_one_lost() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(low);
+        t.set_live(now, &[(high, addr(2))]);
+        assert!(t.check(now, &high), "never reached: declared");
+        assert!(!t.listed(&high));
+        let (mut t, _, high, now) = connected_member();
+        assert!(!t.check(now, &high), "connected: its probes decide");
+        drain(&mut t, now);
+        t.disconnected(now, 5);
+        drain(&mut t, now);
+        assert!(!t.check(now + 200 * MS, &high), "lost: a dial decides");
+        assert!(drain(&mut t, now + 200 * MS).contains(&Action::Dial(addr(2))));
     }
 
     #[test]

@@ -91,23 +91,7 @@ impl Prober {
         mut shuffle: impl FnMut(&mut [NodeId]),
     ) -> Vec<Out> {
         let mut out = Vec::new();
-        let live: HashSet<NodeId> = members.iter().copied().collect();
-        self.pending.retain(|node, _| live.contains(node));
-        let expired: Vec<(NodeId, bool)> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(node, p)| (*node, p.confirming))
-            .collect();
-        for (node, confirming) in expired {
-            if confirming {
-                self.pending.remove(&node);
-                out.push(Out::Declare { node });
-            } else {
-                out.push(Out::Suspect { node });
-                self.ping(now, node, true, &mut out);
-            }
-        }
+        self.expire_into(now, members, &mut out);
         // The next member of the round that is still a member and not being pinged already.
         for _ in 0..=members.len() {
             if self.next >= self.round.len() {
@@ -120,7 +104,7 @@ impl Prober {
             }
             let node = self.round[self.next];
             self.next += 1;
-            if live.contains(&node) && !self.pending.contains_key(&node) {
+            if members.contains(&node) && !self.pending.contains_key(&node) {
                 self.ping(now, node, false, &mut out);
                 break;
             }
@@ -148,6 +132,39 @@ impl Prober {
                 let mut out = Vec::new();
                 self.ping(now, node, true, &mut out);
                 out.pop()
+            }
+        }
+    }
+
+    /// When the earliest ping in flight times out, if any (acted on by the next
+    /// [`tick`](Self::tick) at or after it).
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.deadline).min()
+    }
+
+    /// Expire the pings past their deadline without pinging anyone new.
+    pub(crate) fn expire(&mut self, now: Instant, members: &[NodeId]) -> Vec<Out> {
+        let mut out = Vec::new();
+        self.expire_into(now, members, &mut out);
+        out
+    }
+
+    fn expire_into(&mut self, now: Instant, members: &[NodeId], out: &mut Vec<Out>) {
+        let live: HashSet<NodeId> = members.iter().copied().collect();
+        self.pending.retain(|node, _| live.contains(node));
+        let expired: Vec<(NodeId, bool)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(node, p)| (*node, p.confirming))
+            .collect();
+        for (node, confirming) in expired {
+            if confirming {
+                self.pending.remove(&node);
+                out.push(Out::Declare { node });
+            } else {
+                out.push(Out::Suspect { node });
+                self.ping(now, node, true, out);
             }
         }
     }
@@ -212,6 +229,22 @@ mod tests {
         assert_eq!(pinged(&out), m, "the suspect is pinged again");
         let out = p.tick(t0 + T * 2, &m, |_| {});
         assert_eq!(out[0], Out::Declare { node: m[0] });
+    }
+
+    #[test]
+    fn pings_expire_at_their_deadline_between_periods() {
+        let m = ids(1);
+        let mut p = Prober::new(T);
+        let t0 = Instant::now();
+        assert_eq!(p.next_deadline(), None);
+        p.tick(t0, &m, |_| {});
+        assert_eq!(p.next_deadline(), Some(t0 + T));
+        assert!(p.expire(t0 + T / 2, &m).is_empty());
+        let out = p.expire(t0 + T, &m);
+        assert_eq!(out[0], Out::Suspect { node: m[0] });
+        assert_eq!(p.next_deadline(), Some(t0 + T * 2));
+        assert_eq!(p.expire(t0 + T * 2, &m), vec![Out::Declare { node: m[0] }]);
+        assert_eq!(p.next_deadline(), None);
     }
 
     #[test]

@@ -188,6 +188,7 @@ impl Driver {
                 .map(Instant::from_std)
                 .into_iter()
                 .chain(self.push_at)
+                .chain(self.prober.next_deadline().map(Instant::from_std))
                 .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -209,6 +210,7 @@ impl Driver {
                 }
                 _ = sleep_until(wake) => {}
             }
+            self.probe_expire();
             if self.push_at.is_some_and(|at| at <= Instant::now()) {
                 self.push_at = None;
                 self.push_own_state();
@@ -315,12 +317,10 @@ impl Driver {
         }
     }
 
-    /// One probe period (see [`crate::probe`]): ping the next member, act on expired pings.
-    fn probe_round(&mut self) {
-        let now = std::time::Instant::now();
+    /// The members probes go to: those that answer them, over a connection.
+    fn probe_targets(&self) -> Vec<NodeId> {
         let links = self.shared.links();
-        let probed: Vec<NodeId> = self
-            .members
+        self.members
             .iter()
             .filter(|m| m.probe)
             .map(|m| *m.node_id)
@@ -329,12 +329,29 @@ impl Driver {
                     .get(n)
                     .is_some_and(|l| l.state.borrow().conn.is_some())
             })
-            .collect();
-        drop(links);
+            .collect()
+    }
+
+    /// One probe period (see [`crate::probe`]): act on expired pings, ping the next member.
+    fn probe_round(&mut self) {
+        let now = std::time::Instant::now();
+        let targets = self.probe_targets();
         let out = self
             .prober
-            .tick(now, &probed, |round| fastrand::shuffle(round));
+            .tick(now, &targets, |round| fastrand::shuffle(round));
         for o in out {
+            self.probe_out(now, o);
+        }
+    }
+
+    /// Act on pings past their deadline, between periods.
+    fn probe_expire(&mut self) {
+        let now = std::time::Instant::now();
+        if self.prober.next_deadline().is_none_or(|d| d > now) {
+            return;
+        }
+        let targets = self.probe_targets();
+        for o in self.prober.expire(now, &targets) {
             self.probe_out(now, o);
         }
     }
@@ -368,14 +385,19 @@ impl Driver {
             }
             ProbeOut::Declare { node } => {
                 let uid = Uid::from_str(node.as_str()).unwrap_or_default();
-                warn!(peer = %uid, "peer declared dead: probes unanswered");
-                self.shared
-                    .stats
-                    .peers_declared_dead
-                    .fetch_add(1, Ordering::Relaxed);
+                self.declared_dead(uid, "probes unanswered");
                 self.table.declare(now, node);
             }
         }
+    }
+
+    /// Log and count a peer this node declared dead.
+    fn declared_dead(&self, peer: Uid, why: &str) {
+        warn!(%peer, why, "peer declared dead");
+        self.shared
+            .stats
+            .peers_declared_dead
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// A pong or a suspicion from `from`.
@@ -399,8 +421,13 @@ impl Driver {
                     .get(&node)
                     .is_some_and(|l| l.state.borrow().conn.is_some())
                     && self.members.iter().any(|m| *m.node_id == node && m.probe);
-                if connected && let Some(out) = self.prober.on_suspect(now, node) {
-                    self.probe_out(now, out);
+                if connected {
+                    if let Some(out) = self.prober.on_suspect(now, node) {
+                        self.probe_out(now, out);
+                    }
+                } else if self.table.check(now, &node) {
+                    // Suspected by another, never reached by us: nothing says it lives.
+                    self.declared_dead(uid, "suspected by another member, never reached here");
                 }
             }
             Probe::Ping(_) => {}
@@ -628,12 +655,11 @@ impl Driver {
 
     /// Recompute the candidates from gossip's view and the connections, and tell the table.
     fn update_candidates(&mut self) {
-        let connected: HashSet<NodeId> = self.conns.values().map(|e| e.node).collect();
         let mut candidates: Vec<Member> = self
             .gossip
             .iter()
             .filter(|m| !self.departed.contains(&*m.node_id))
-            .filter(|m| !m.gossip_dead || (m.probe && connected.contains(&*m.node_id)))
+            .filter(|m| !m.gossip_dead || (m.probe && self.table.has_canonical(&m.node_id)))
             .cloned()
             .collect();
         candidates.sort_by_key(|m| m.addr);

@@ -10,7 +10,7 @@ use crate::{common::*, process::*};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The README: a killed node is declared dead by all in about 1.5 s (probes every 200 ms,
-/// 700 ms timeout, two misses). The bound leaves room for a loaded 2-core CI machine and stays
+/// 600 ms timeout, two misses). The bound leaves room for a loaded 2-core CI machine and stays
 /// far under QUIC's idle timeout (30 s), so only the probes (or a closed TCP connection) can
 /// meet it.
 const DEATH_NOTICED: Duration = Duration::from_millis(2500);
@@ -362,7 +362,38 @@ async fn dropped_requests_stop_at_once(kind: TransportKind) -> anyhow::Result<()
     Ok(())
 }
 
+/// A frozen node (SIGSTOP: its connections stay open, TCP included) is declared dead by the
+/// probes alone: gossip's failure detector is switched off here, and the transport's idle
+/// timeout (30 s) is longer than the wait. Every survivor declares it and counts it.
+async fn probes_declare_a_silent_node_without_gossips_detector(
+    kind: TransportKind,
+) -> anyhow::Result<()> {
+    let c = Cluster::start_with(kind, 2, |cfg| cfg.with_phi_threshold(1e6)).await?;
+    let certs = TempDir::new("probes");
+    let frozen = c.join_process(&certs, &[]).await?;
+    frozen.signal("STOP").await?;
+    let started = Instant::now();
+    for node in &c.nodes {
+        let mut members = node.mesh.watch_members();
+        tokio::time::timeout(WAIT, members.wait_for(|m| m.len() == 1)).await??;
+    }
+    eprintln!(
+        "a frozen node was dropped by both survivors in {:?}",
+        started.elapsed()
+    );
+    // Someone's ping went unanswered first; then each survivor declared it itself.
+    let stats: Vec<_> = c.nodes.iter().map(|n| n.mesh.stats()).collect();
+    assert!(stats.iter().any(|s| s.probes_unanswered >= 1), "{stats:?}");
+    for s in &stats {
+        assert_eq!(s.peers_declared_dead, 1, "{s:?}");
+    }
+    let mut frozen = frozen;
+    frozen.child.kill().await?;
+    Ok(())
+}
+
 both_transports!(
+    probes_declare_a_silent_node_without_gossips_detector,
     dropped_requests_stop_at_once,
     a_node_declared_dead_then_back_counts_what_it_missed,
     a_dead_member_is_not_dialed_again,
