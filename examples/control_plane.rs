@@ -51,7 +51,7 @@ struct Args {
 }
 
 /// The longest any step may take before the benchmark gives up.
-const PATIENCE: Duration = Duration::from_secs(120);
+const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A node's configuration: default settings but the gossip period, on loopback.
 fn config(args: &Args, tls: TlsConfig, seed: Option<SocketAddr>) -> anyhow::Result<MeshConfig> {
@@ -180,7 +180,12 @@ async fn until_all(
             members.wait_for(|m| pred(m)),
         )
         .await
-        .with_context(|| format!("{what}: not within {PATIENCE:?}"))??;
+        .with_context(|| {
+            // Where it stands: how many members each node lists.
+            let mut counts: Vec<usize> = nodes.iter().map(|m| m.members().len()).collect();
+            counts.sort_unstable();
+            format!("{what}: not within {PATIENCE:?}; members listed per node: {counts:?}")
+        })??;
     }
     Ok(t0.elapsed())
 }
@@ -250,6 +255,14 @@ async fn measure(args: &Args, n: usize) -> anyhow::Result<String> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Quiet unless asked (RUST_LOG): the table is the output.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if let (Some(dir), Some(seed)) = (&args.child_dir, args.child_seed) {
         return child(&args, dir, seed);
     }

@@ -146,7 +146,7 @@ impl MeshConfig {
             tls_reload: Some(Duration::from_secs(30)),
             seeds: Vec::new(),
             seed_interval: Duration::from_secs(5),
-            gossip_interval: Duration::from_secs(1),
+            gossip_interval: Duration::from_secs(5),
             phi_threshold: 8.0,
             dead_node_grace_period: Duration::from_secs(300),
             request_timeout: Duration::from_secs(5),
@@ -172,7 +172,7 @@ impl MeshConfig {
     }
 
     /// A profile for tests and local demos: listens on `127.0.0.1` with an OS-chosen port and
-    /// gossips every 50 ms, so a cluster forms and notices deaths in a fraction of a second.
+    /// gossips every 50 ms, so state spreads in a fraction of a second.
     pub fn local(tls: TlsConfig) -> Self {
         Self::new(tls)
             .with_listen_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
@@ -425,7 +425,7 @@ impl MeshConfig {
     /// and its socket count). Joins, leaves, deaths and a node's own changes do not wait for
     /// it: they travel on connections and probes at once. Gossip's own failure detector
     /// (heartbeats, see [`with_phi_threshold`](Self::with_phi_threshold)) follows this period
-    /// and is only the last resort for peers of a release without probes. Default: 1 s.
+    /// and is only the last resort for peers of a release without probes. Default: 5 s.
     pub fn with_gossip_interval(mut self, interval: Duration) -> Self {
         self.gossip_interval = interval;
         self

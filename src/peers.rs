@@ -54,6 +54,8 @@ struct Node {
     lost: Option<Lost>,
     /// It had a canonical connection once.
     reached: bool,
+    /// Another member suspects it (see [`PeerTable::check`]).
+    suspected: bool,
 }
 
 /// A member whose connection closed: redialed at once; listed for `link_grace`, then dropped
@@ -93,6 +95,10 @@ pub(crate) struct PeerTable {
     declared: HashMap<NodeId, Instant>,
     /// How long a member whose connection closed stays listed, waiting for a new one.
     link_grace: Duration,
+    /// Members this node declared dead itself, since it started.
+    declared_total: u64,
+    /// The members gossip listed last (for declarations that expire).
+    live: Vec<(NodeId, SocketAddr)>,
     actions: VecDeque<Action>,
 }
 
@@ -106,6 +112,8 @@ pub(crate) const MAX_CONCURRENT_DIALS: usize = 8;
 /// Quick retries of a bare address (a seed) whose dial failed, before it waits to be wanted
 /// again: nodes started together find each other although some listen a moment later.
 const BARE_ADDR_RETRIES: u32 = 6;
+/// How long a member this node declared dead stays out while gossip still lists it.
+pub(crate) const DECLARED_FOR: Duration = Duration::from_secs(10);
 /// Failed dials to a member gossip lists but we never reached before it counts as dead.
 const NEVER_REACHED_TRIES: u32 = 3;
 
@@ -128,6 +136,8 @@ impl PeerTable {
             dead: HashMap::new(),
             declared: HashMap::new(),
             link_grace,
+            declared_total: 0,
+            live: Vec::new(),
             actions: VecDeque::new(),
         }
     }
@@ -149,23 +159,22 @@ impl PeerTable {
         self.nodes.get(node).is_some_and(|n| n.canonical.is_some())
     }
 
-    /// Another member suspects `node`, which we cannot probe (no canonical connection). One
-    /// we never reached either is declared dead now (returns true); one whose connection
-    /// closed is redialed, and declared if that fails.
-    pub(crate) fn check(&mut self, now: Instant, node: &NodeId) -> bool {
-        let Some(n) = self.nodes.get(node) else {
-            return false;
+    /// Another member suspects `node`, which we cannot probe (no canonical connection): dial
+    /// it now; if that fails, it is declared dead (a node never reached too, at the first
+    /// failure rather than after a few).
+    pub(crate) fn check(&mut self, now: Instant, node: &NodeId) {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
         };
         if n.canonical.is_some() {
-            return false;
+            return;
         }
-        if !n.reached {
-            self.declare(now, *node);
-            return true;
-        }
+        n.suspected = true;
         let addr = n.addr;
         self.want_addr(now, addr);
-        false
+        if let Some(a) = self.addrs.get_mut(&addr) {
+            a.next_attempt = a.next_attempt.min(now);
+        }
     }
 
     /// Declare `node` dead (its probes went unanswered): close its connections, drop it, and
@@ -184,7 +193,13 @@ impl PeerTable {
             self.mark_dead(now, addr, true);
         }
         self.remember_declared(now, node);
+        self.declared_total += 1;
         self.forget(node, CloseCode::PeerDead);
+    }
+
+    /// Members this node declared dead itself (probes, failed redials), since it started.
+    pub(crate) fn declared_total(&self) -> u64 {
+        self.declared_total
     }
 
     fn remember_declared(&mut self, now: Instant, node: NodeId) {
@@ -209,10 +224,14 @@ impl PeerTable {
 
     /// The full set of live members (without us), as membership sees it now.
     pub(crate) fn set_live(&mut self, now: Instant, live: &[(NodeId, SocketAddr)]) {
-        // A member we declared dead stays out until it connects again; once gossip forgets
-        // it, so do we.
+        self.live.clear();
+        self.live.extend_from_slice(live);
+        // A member we declared dead stays out until it connects again, or for
+        // `DECLARED_FOR` (then, if gossip still lists it, it is tried again: two nodes that
+        // declared each other would otherwise never meet again); once gossip forgets it, so
+        // do we.
         self.declared.retain(|id, since| {
-            now.duration_since(*since) < DEAD_ADDR_MEMORY && live.iter().any(|(l, _)| l == id)
+            now.duration_since(*since) < DECLARED_FOR && live.iter().any(|(l, _)| l == id)
         });
         let live_ids: HashMap<NodeId, SocketAddr> = live
             .iter()
@@ -244,6 +263,7 @@ impl PeerTable {
                 others: Vec::new(),
                 lost: None,
                 reached: false,
+                suspected: false,
             });
             node.live = true;
             node.addr = addr;
@@ -334,11 +354,13 @@ impl PeerTable {
             others: Vec::new(),
             lost: None,
             reached: false,
+            suspected: false,
         });
         entry.addr = addr;
         if canonical {
             entry.lost = None;
             entry.reached = true;
+            entry.suspected = false;
             // The newest canonical connection wins: the dialer only dials when it has none,
             // so an older one still open here is one the dialer already gave up.
             if let Some(old) = entry.canonical.replace(conn) {
@@ -430,7 +452,9 @@ impl PeerTable {
                     && n.live
                     && n.canonical.is_none()
                     && (n.lost.is_some()
-                        || (!n.reached && at_addr == 1 && failures >= NEVER_REACHED_TRIES))
+                        || (!n.reached
+                            && at_addr == 1
+                            && (n.suspected || failures >= NEVER_REACHED_TRIES)))
             })
             .map(|(id, _)| *id)
             .collect();
@@ -504,6 +528,17 @@ impl PeerTable {
         if let Some(a) = self.actions.pop_front() {
             return Some(a);
         }
+        if self
+            .declared
+            .values()
+            .any(|since| now.duration_since(*since) >= DECLARED_FOR)
+        {
+            let live = std::mem::take(&mut self.live);
+            self.set_live(now, &live);
+            if let Some(a) = self.actions.pop_front() {
+                return Some(a);
+            }
+        }
         // Members without a connection past the grace: dropped until they are back.
         let grace = self.link_grace;
         let expired: Vec<NodeId> = self
@@ -571,6 +606,7 @@ impl PeerTable {
             .values()
             .filter_map(|n| n.lost.filter(|l| !l.dropped))
             .map(|l| l.since + self.link_grace)
+            .chain(self.declared.values().map(|since| *since + DECLARED_FOR))
             .min();
         if self.dials_in_progress() >= MAX_CONCURRENT_DIALS {
             return grace;
@@ -748,10 +784,25 @@ mod tests {
         // Gossip still lists it: not a member, not dialed.
         t.set_live(now + 300 * MS, &[(high, addr(2))]);
         assert!(!t.listed(&high));
-        assert_eq!(drain(&mut t, now + 10 * GRACE), vec![]);
+        assert_eq!(drain(&mut t, now + DECLARED_FOR / 2), vec![]);
         // It dials us: a member again.
-        t.connected(now + 10 * GRACE, 7, high, addr(2), false);
-        t.set_live(now + 10 * GRACE, &[(high, addr(2))]);
+        t.connected(now + DECLARED_FOR / 2, 7, high, addr(2), false);
+        t.set_live(now + DECLARED_FOR / 2, &[(high, addr(2))]);
+        assert!(t.listed(&high));
+    }
+
+    #[test]
+    fn a_declaration_expires_while_gossip_still_lists_the_member() {
+        let (mut t, _, high, now) = connected_member();
+        drain(&mut t, now);
+        t.set_live(now, &[(high, addr(2))]);
+        t.declare(now, high);
+        drain(&mut t, now);
+        assert!(!t.listed(&high));
+        assert_eq!(t.poll_timeout(), Some(now + DECLARED_FOR));
+        // Two nodes that declared each other meet again: it is tried once more.
+        let acts = drain(&mut t, now + DECLARED_FOR);
+        assert!(acts.contains(&Action::Dial(addr(2))), "{acts:?}");
         assert!(t.listed(&high));
     }
 
@@ -797,19 +848,32 @@ mod tests {
     }
 
     #[test]
-    fn a_suspicion_declares_a_member_never_reached_and_redials_one_lost() {
+    fn a_suspicion_dials_a_member_we_cannot_probe_and_a_failure_declares_it() {
         let (low, high) = ids();
         let now = Instant::now();
         let mut t = table(low);
         t.set_live(now, &[(high, addr(2))]);
-        assert!(t.check(now, &high), "never reached: declared");
-        assert!(!t.listed(&high));
+        assert_eq!(drain(&mut t, now), vec![Action::Dial(addr(2))]);
+        t.dial_failed(now, addr(2), 0.5);
+        assert!(
+            t.listed(&high),
+            "one failure is not enough for a member never reached"
+        );
+        t.check(now, &high);
+        assert_eq!(
+            drain(&mut t, now),
+            vec![Action::Dial(addr(2))],
+            "suspected: dialed now"
+        );
+        t.dial_failed(now, addr(2), 0.5);
+        assert!(!t.listed(&high), "suspected and unreachable: declared");
         let (mut t, _, high, now) = connected_member();
-        assert!(!t.check(now, &high), "connected: its probes decide");
+        t.check(now, &high);
+        assert!(t.listed(&high), "connected: its probes decide");
         drain(&mut t, now);
         t.disconnected(now, 5);
         drain(&mut t, now);
-        assert!(!t.check(now + 200 * MS, &high), "lost: a dial decides");
+        t.check(now + 200 * MS, &high);
         assert!(drain(&mut t, now + 200 * MS).contains(&Action::Dial(addr(2))));
     }
 

@@ -25,6 +25,9 @@ use std::{
 
 use crate::peers::NodeId;
 
+/// A ping waits at most this many times the configured timeout, however slow answers get.
+const MAX_STRETCH: u32 = 8;
+
 /// What the prober wants done.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Out {
@@ -39,6 +42,9 @@ pub(crate) enum Out {
 #[derive(Debug)]
 struct Pending {
     nonce: u64,
+    /// The number of the first ping of this check: a late answer to it still proves life.
+    first: u64,
+    sent: Instant,
     deadline: Instant,
     /// This ping checks a suspicion: unanswered, the node is declared.
     confirming: bool,
@@ -47,7 +53,16 @@ struct Pending {
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct Prober {
+    /// The configured timeout: the least a ping waits.
     timeout: Duration,
+    /// Smoothed answer time and its variation (as TCP's retransmission timer): under load a
+    /// ping waits longer, so a busy node is not taken for a dead one.
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    /// How late this node's own periods fire (rises at once, decays slowly): a node too busy
+    /// to run its timers on time cannot judge others by them, so its pings wait that much
+    /// longer (Lifeguard's local health, in its simplest form).
+    lag: Duration,
     /// This round's order of members to ping, and the position in it.
     round: Vec<NodeId>,
     next: usize,
@@ -59,6 +74,9 @@ impl Prober {
     pub(crate) fn new(timeout: Duration) -> Self {
         Self {
             timeout,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            lag: Duration::ZERO,
             round: Vec::new(),
             next: 0,
             pending: HashMap::new(),
@@ -66,13 +84,30 @@ impl Prober {
         }
     }
 
+    /// How long a ping waits now: the configured timeout, or the smoothed answer time plus
+    /// four times its variation if longer, plus twice this node's own lag (at most
+    /// [`MAX_STRETCH`] times the timeout).
+    pub(crate) fn current_timeout(&self) -> Duration {
+        let rto = self.srtt.map_or(Duration::ZERO, |s| s + self.rttvar * 4);
+        (rto.max(self.timeout) + self.lag * 2).min(self.timeout * MAX_STRETCH)
+    }
+
+    /// This period fired `late` after it was due.
+    pub(crate) fn note_lag(&mut self, late: Duration) {
+        self.lag = late.max(self.lag * 7 / 8);
+    }
+
     fn ping(&mut self, now: Instant, node: NodeId, confirming: bool, out: &mut Vec<Out>) {
         self.nonce = self.nonce.wrapping_add(1);
+        let first = self.pending.get(&node).map_or(self.nonce, |p| p.first);
+        let deadline = now + self.current_timeout();
         self.pending.insert(
             node,
             Pending {
                 nonce: self.nonce,
-                deadline: now + self.timeout,
+                first,
+                sent: now,
+                deadline,
                 confirming,
             },
         );
@@ -113,10 +148,28 @@ impl Prober {
     }
 
     /// `node` answered ping `nonce`: whatever was suspected of it is cleared.
-    pub(crate) fn on_pong(&mut self, node: NodeId, nonce: u64) {
-        if self.pending.get(&node).is_some_and(|p| p.nonce == nonce) {
-            self.pending.remove(&node);
+    pub(crate) fn on_pong(&mut self, now: Instant, node: NodeId, nonce: u64) {
+        let Some(p) = self.pending.get(&node) else {
+            return;
+        };
+        if !(p.first..=p.nonce).contains(&nonce) {
+            return;
         }
+        if p.nonce == nonce {
+            let rtt = now.saturating_duration_since(p.sent);
+            match self.srtt {
+                None => {
+                    self.srtt = Some(rtt);
+                    self.rttvar = rtt / 2;
+                }
+                Some(srtt) => {
+                    let diff = srtt.abs_diff(rtt);
+                    self.rttvar = (self.rttvar * 3 + diff) / 4;
+                    self.srtt = Some((srtt * 7 + rtt) / 8);
+                }
+            }
+        }
+        self.pending.remove(&node);
     }
 
     /// Another member suspects `node`: check it with a ping of our own (unanswered, it is
@@ -207,7 +260,7 @@ mod tests {
                 panic!("{out:?}")
             };
             seen.push(node);
-            p.on_pong(node, nonce);
+            p.on_pong(now, node, nonce);
             assert_eq!(i + 1, seen.len());
         }
         seen.sort();
@@ -248,6 +301,48 @@ mod tests {
     }
 
     #[test]
+    fn slow_answers_stretch_the_timeout_within_a_bound() {
+        let m = ids(1);
+        let mut p = Prober::new(T);
+        let t0 = Instant::now();
+        assert_eq!(p.current_timeout(), T);
+        let mut now = t0;
+        for _ in 0..20 {
+            let out = p.tick(now, &m, |_| {});
+            let Some(Out::Ping { node, nonce }) = out.last().cloned() else {
+                panic!("{out:?}")
+            };
+            // Answered just in time, each time: the node is busy, not dead.
+            now += T - Duration::from_millis(1);
+            p.on_pong(now, node, nonce);
+        }
+        assert!(p.current_timeout() > T, "{:?}", p.current_timeout());
+        assert!(p.current_timeout() <= T * MAX_STRETCH);
+        // Fast answers bring it back down to the configured timeout.
+        for _ in 0..40 {
+            let out = p.tick(now, &m, |_| {});
+            let Some(Out::Ping { node, nonce }) = out.last().cloned() else {
+                panic!("{out:?}")
+            };
+            p.on_pong(now, node, nonce);
+        }
+        assert_eq!(p.current_timeout(), T);
+    }
+
+    #[test]
+    fn a_node_late_on_its_own_timers_waits_longer() {
+        let mut p = Prober::new(T);
+        p.note_lag(Duration::from_millis(100));
+        assert_eq!(p.current_timeout(), T + Duration::from_millis(200));
+        for _ in 0..100 {
+            p.note_lag(Duration::ZERO);
+        }
+        assert!(p.current_timeout() < T + Duration::from_millis(5));
+        p.note_lag(Duration::from_secs(60));
+        assert_eq!(p.current_timeout(), T * MAX_STRETCH);
+    }
+
+    #[test]
     fn an_answer_clears_a_suspicion() {
         let m = ids(1);
         let mut p = Prober::new(T);
@@ -257,9 +352,12 @@ mod tests {
         let Some(Out::Ping { nonce, .. }) = out.last().cloned() else {
             panic!("{out:?}")
         };
-        // An answer to an older ping does not count.
-        p.on_pong(m[0], nonce - 1);
-        p.on_pong(m[0], nonce);
+        // An answer to a ping of another check does not count; a late one to this check's
+        // first ping does.
+        p.on_pong(t0 + T, m[0], nonce - 2);
+        assert!(p.next_deadline().is_some());
+        p.on_pong(t0 + T, m[0], nonce - 1);
+        assert_eq!(p.next_deadline(), None);
         let out = p.tick(t0 + T * 2, &m, |_| {});
         assert!(
             !out.iter().any(|o| matches!(o, Out::Declare { .. })),
@@ -277,7 +375,7 @@ mod tests {
         };
         assert_eq!(node, m[1]);
         // Answered: nothing happens.
-        p.on_pong(node, nonce);
+        p.on_pong(t0, node, nonce);
         assert!(
             !p.tick(t0 + T, &m, |_| {})
                 .iter()

@@ -204,7 +204,10 @@ impl Driver {
                 Some((addr, frame)) = gossip_out.recv() => self.on_gossip_out(addr, frame),
                 Some(round) = seeds.recv() => self.on_seeds(round),
                 Some((node, probe)) = probes.recv() => self.on_probe(node, probe),
-                _ = probe_tick.tick() => self.probe_round(),
+                due = probe_tick.tick() => {
+                    self.prober.note_lag(Instant::now().saturating_duration_since(due));
+                    self.probe_round();
+                }
                 _ = local_change.notified() => {
                     self.push_at.get_or_insert(Instant::now() + PUSH_DELAY);
                 }
@@ -216,14 +219,19 @@ impl Driver {
                 self.push_own_state();
             }
             self.run_actions();
-            if std::mem::take(&mut self.dirty) {
-                self.publish();
-            }
-            self.update_ready();
+            // Counters first: whoever sees the membership change sees them agree.
             self.shared
                 .stats
                 .dead_members_now
                 .store(self.table.dead_members() as u64, Ordering::Relaxed);
+            self.shared
+                .stats
+                .peers_declared_dead
+                .store(self.table.declared_total(), Ordering::Relaxed);
+            if std::mem::take(&mut self.dirty) {
+                self.publish();
+            }
+            self.update_ready();
         }
         for entry in self.conns.values() {
             entry.conn.close(CloseCode::Leaving, "node shutting down");
@@ -336,9 +344,7 @@ impl Driver {
     fn probe_round(&mut self) {
         let now = std::time::Instant::now();
         let targets = self.probe_targets();
-        let out = self
-            .prober
-            .tick(now, &targets, |round| fastrand::shuffle(round));
+        let out = self.prober.tick(now, &targets, fastrand::shuffle);
         for o in out {
             self.probe_out(now, o);
         }
@@ -385,26 +391,17 @@ impl Driver {
             }
             ProbeOut::Declare { node } => {
                 let uid = Uid::from_str(node.as_str()).unwrap_or_default();
-                self.declared_dead(uid, "probes unanswered");
+                warn!(peer = %uid, "peer declared dead: probes unanswered");
                 self.table.declare(now, node);
             }
         }
-    }
-
-    /// Log and count a peer this node declared dead.
-    fn declared_dead(&self, peer: Uid, why: &str) {
-        warn!(%peer, why, "peer declared dead");
-        self.shared
-            .stats
-            .peers_declared_dead
-            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// A pong or a suspicion from `from`.
     fn on_probe(&mut self, from: NodeId, probe: Probe) {
         let now = std::time::Instant::now();
         match probe {
-            Probe::Pong(nonce) => self.prober.on_pong(from, nonce),
+            Probe::Pong(nonce) => self.prober.on_pong(now, from, nonce),
             Probe::Suspect(node) => {
                 let Ok(uid) = Uid::from_str(&node) else {
                     debug!(peer = %from, "suspicion of a malformed node id ignored");
@@ -425,9 +422,9 @@ impl Driver {
                     if let Some(out) = self.prober.on_suspect(now, node) {
                         self.probe_out(now, out);
                     }
-                } else if self.table.check(now, &node) {
-                    // Suspected by another, never reached by us: nothing says it lives.
-                    self.declared_dead(uid, "suspected by another member, never reached here");
+                } else {
+                    // No connection to probe it on: a dial decides.
+                    self.table.check(now, &node);
                 }
             }
             Probe::Ping(_) => {}
