@@ -300,31 +300,31 @@ mod tests {
         assert_eq!(p.next_deadline(), None);
     }
 
+    /// One period pinging the only member, answered `after` the ping.
+    fn answered(p: &mut Prober, m: &[NodeId], now: Instant, after: Duration) {
+        let out = p.tick(now, m, |_| {});
+        let Some(Out::Ping { node, nonce }) = out.last().cloned() else {
+            panic!("{out:?}")
+        };
+        p.on_pong(now + after, node, nonce);
+    }
+
     #[test]
     fn slow_answers_stretch_the_timeout_within_a_bound() {
         let m = ids(1);
         let mut p = Prober::new(T);
-        let t0 = Instant::now();
+        let mut now = Instant::now();
         assert_eq!(p.current_timeout(), T);
-        let mut now = t0;
+        // Answered just in time, each time: the node is busy, not dead.
         for _ in 0..20 {
-            let out = p.tick(now, &m, |_| {});
-            let Some(Out::Ping { node, nonce }) = out.last().cloned() else {
-                panic!("{out:?}")
-            };
-            // Answered just in time, each time: the node is busy, not dead.
-            now += T - Duration::from_millis(1);
-            p.on_pong(now, node, nonce);
+            answered(&mut p, &m, now, T - Duration::from_millis(1));
+            now += T;
         }
         assert!(p.current_timeout() > T, "{:?}", p.current_timeout());
         assert!(p.current_timeout() <= T * MAX_STRETCH);
         // Fast answers bring it back down to the configured timeout.
         for _ in 0..40 {
-            let out = p.tick(now, &m, |_| {});
-            let Some(Out::Ping { node, nonce }) = out.last().cloned() else {
-                panic!("{out:?}")
-            };
-            p.on_pong(now, node, nonce);
+            answered(&mut p, &m, now, Duration::ZERO);
         }
         assert_eq!(p.current_timeout(), T);
     }

@@ -85,6 +85,8 @@ struct Driver {
     /// When this node's own changes are pushed to its peers.
     push_at: Option<Instant>,
     prober: Prober,
+    /// One member pinged per period (see [`crate::probe`]).
+    probe_interval: Duration,
     events_tx: mpsc::Sender<Event>,
     /// Where joining the mesh stands (for readiness).
     join: Join,
@@ -143,6 +145,7 @@ pub(super) async fn spawn(
         dirty: false,
         push_at: None,
         prober: Prober::new(cfg.probe_timeout),
+        probe_interval: cfg.probe_interval,
         events_tx: events_tx.clone(),
         join: if shared.seeds.is_empty() {
             Join::Done
@@ -178,7 +181,7 @@ impl Driver {
     ) {
         let cancel = self.shared.cancel.clone();
         let local_change = self.shared.membership.local_change();
-        let mut probe_tick = tokio::time::interval(self.shared.settings.probe_interval);
+        let mut probe_tick = tokio::time::interval(self.probe_interval);
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.update_ready();
         loop {

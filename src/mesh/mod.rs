@@ -209,7 +209,6 @@ impl Mesh {
             routing: config.routing,
             interest_interval: config.interest_interval,
             max_interest_rooms: config.max_interest_rooms,
-            probe_interval: config.probe_interval,
         };
         let cancel = CancellationToken::new();
         let (members_tx, _) = watch::channel(Arc::new(Vec::new()));

@@ -171,8 +171,6 @@ pub(crate) struct Settings {
     pub routing: bool,
     pub interest_interval: Duration,
     pub max_interest_rooms: usize,
-    /// Failure detection: one member pinged every `probe_interval` (see [`crate::probe`]).
-    pub probe_interval: Duration,
 }
 
 /// The state shared by the [`Mesh`] handles, the adapters and the tasks.
