@@ -371,6 +371,22 @@ async fn probes_declare_a_silent_node_without_gossips_detector(
     let c = Cluster::start_with(kind, 2, |cfg| cfg.with_phi_threshold(1e6)).await?;
     let certs = TempDir::new("probes");
     let frozen = c.join_process(&certs, &[]).await?;
+    // Gossip lists a member before anyone has connected to it; probes go over connections, so
+    // freeze it only once both survivors hold one (a node frozen before that is declared by the
+    // failed dials instead: `peers::tests` cover that).
+    for node in &c.nodes {
+        let deadline = Instant::now() + WAIT;
+        while !node
+            .mesh
+            .topology()
+            .peers
+            .iter()
+            .any(|p| p.node_id == frozen.node_id && p.link == "connected")
+        {
+            anyhow::ensure!(Instant::now() < deadline, "never connected to the process");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     frozen.signal("STOP").await?;
     let started = Instant::now();
     for node in &c.nodes {

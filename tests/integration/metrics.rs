@@ -18,25 +18,39 @@ async fn metrics_of(node: &ProcNode) -> anyhow::Result<String> {
     http_get(node.http, "/metrics").await
 }
 
+/// The node's `/metrics` once `ok` holds for it. The mesh copies its counters and gauges to the
+/// recorder every second, so a scrape right after an event may still show the previous copy.
+async fn metrics_once(
+    node: &ProcNode,
+    what: &str,
+    ok: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + crate::common::WAIT;
+    loop {
+        let text = metrics_of(node).await?;
+        if ok(&text) {
+            return Ok(text);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} never showed {what}:\n{text}",
+            node.http
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn metrics_follow_the_cluster(kind: TransportKind) -> anyhow::Result<()> {
     let ca = DevCa::generate("metrics CA")?;
     let certs = TempDir::new("metrics");
     let nodes = spawn_cluster(kind, &ca, &certs.0, 3, &[("MESH_CLUSTER_ID", "metrics")]).await?;
-    let before = metrics_of(&nodes[1]).await?;
     let t = kind.as_str();
-    assert_eq!(
-        sample(&before, "socketioxide_mesh_members{state=\"live\"}"),
-        Some(2.0),
-        "{before}"
-    );
-    assert_eq!(
-        sample(
-            &before,
-            &format!("socketioxide_mesh_peer_links{{transport=\"{t}\",state=\"connected\"}}")
-        ),
-        Some(2.0),
-        "{before}"
-    );
+    let links = format!("socketioxide_mesh_peer_links{{transport=\"{t}\",state=\"connected\"}}");
+    let before = metrics_once(&nodes[1], "2 live members, 2 links", |m| {
+        sample(m, "socketioxide_mesh_members{state=\"live\"}") == Some(2.0)
+            && sample(m, &links) == Some(2.0)
+    })
+    .await?;
     for help in [
         "# TYPE socketioxide_mesh_commands_sent_total counter",
         "# TYPE socketioxide_mesh_messages_dropped_total counter",
@@ -46,47 +60,40 @@ async fn metrics_follow_the_cluster(kind: TransportKind) -> anyhow::Result<()> {
     }
     let received =
         |text: &str| sample(text, "socketioxide_mesh_commands_received_total").unwrap_or(0.0);
-    let gossip = |text: &str| {
+    let broadcasts_applied = |text: &str| {
         sample(
             text,
-            "socketioxide_mesh_received_bytes_total{kind=\"gossip\"}",
+            "socketioxide_mesh_commands_applied_total{kind=\"broadcast\"}",
         )
         .unwrap_or(0.0)
     };
+    // Gossip flowed to form the cluster.
+    let gossip = sample(
+        &before,
+        "socketioxide_mesh_received_bytes_total{kind=\"gossip\"}",
+    );
+    assert!(gossip.unwrap_or(0.0) > 0.0, "{before}");
 
     // A chat message from node 0 (a broadcast: a command to each peer) and a fetch (a request).
     chat_reaches_everyone(&nodes.iter().collect::<Vec<_>>(), "metrics").await?;
-    let after0 = metrics_of(&nodes[0]).await?;
-    let after1 = metrics_of(&nodes[1]).await?;
-    assert!(
-        sample(&after0, "socketioxide_mesh_commands_sent_total").unwrap_or(0.0) >= 2.0,
-        "{after0}"
-    );
-    assert!(received(&after1) > received(&before), "{after1}");
-    assert!(
-        sample(
-            &after1,
-            "socketioxide_mesh_commands_applied_total{kind=\"broadcast\"}"
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
-        "{after1}"
-    );
-    // Gossip flowed to form the cluster.
-    assert!(gossip(&before) > 0.0, "{before}");
+    let after0 = metrics_once(&nodes[0], "2 commands sent and an answered fetch", |m| {
+        sample(m, "socketioxide_mesh_commands_sent_total").unwrap_or(0.0) >= 2.0
+            && sample(
+                m,
+                "socketioxide_mesh_request_duration_seconds_count{kind=\"fetch_sockets\",outcome=\"answered\"}",
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+    })
+    .await?;
     assert!(
         after0.contains("# TYPE socketioxide_mesh_request_duration_seconds histogram"),
         "{after0}"
     );
-    assert!(
-        sample(
-            &after0,
-            "socketioxide_mesh_request_duration_seconds_count{kind=\"fetch_sockets\",outcome=\"answered\"}"
-        )
-        .unwrap_or(0.0)
-            >= 1.0,
-        "{after0}"
-    );
+    metrics_once(&nodes[1], "the broadcast received and applied", |m| {
+        received(m) > received(&before) && broadcasts_applied(m) >= 1.0
+    })
+    .await?;
     Ok(())
 }
 
