@@ -122,6 +122,7 @@ async fn crash(
     // Let it settle (probes running, gossip quiet) before the kill.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let t = Instant::now();
+    tracing::info!(node = %id, "killing the child");
     child.kill()?;
     let _ = child.wait();
     until_all(nodes, "crash", |m| {

@@ -12,7 +12,7 @@
 
 pub(crate) use crate::backoff::Backoff;
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -93,6 +93,11 @@ pub(crate) struct PeerTable {
     /// Members this node declared dead itself (a failed redial, unanswered probes) while
     /// gossip may still list them: not members again until they connect.
     declared: HashMap<NodeId, Instant>,
+    /// Members whose declaration ran out while gossip still lists them: dialed again
+    /// (whichever side we are), but listed only once a connection proves them alive; a failed
+    /// dial declares them again. Gossip keeps a crashed member for a minute or more, and it
+    /// must not come back as a member every [`DECLARED_FOR`] meanwhile.
+    retrying: HashSet<NodeId>,
     /// How long a member whose connection closed stays listed, waiting for a new one.
     link_grace: Duration,
     /// Members this node declared dead itself, since it started.
@@ -135,6 +140,7 @@ impl PeerTable {
             conns: HashMap::new(),
             dead: HashMap::new(),
             declared: HashMap::new(),
+            retrying: HashSet::new(),
             link_grace,
             declared_total: 0,
             live: Vec::new(),
@@ -148,6 +154,7 @@ impl PeerTable {
         self.nodes.get(node).is_some_and(|n| {
             n.live
                 && !n.lost.is_some_and(|l| l.dropped)
+                && !(self.retrying.contains(node) && n.canonical.is_none() && n.others.is_empty())
                 // Never reached, at our own address: an older incarnation of this node that
                 // gossip still carries, which no dial will ever rule out.
                 && (n.reached || n.addr != self.my_addr)
@@ -193,7 +200,10 @@ impl PeerTable {
             self.mark_dead(now, addr, true);
         }
         self.remember_declared(now, node);
-        self.declared_total += 1;
+        // Declared again after its declaration ran out: the same death, counted once.
+        if !self.retrying.remove(&node) {
+            self.declared_total += 1;
+        }
         self.forget(node, CloseCode::PeerDead);
     }
 
@@ -230,9 +240,16 @@ impl PeerTable {
         // `DECLARED_FOR` (then, if gossip still lists it, it is tried again: two nodes that
         // declared each other would otherwise never meet again); once gossip forgets it, so
         // do we.
+        let listed = |id: &NodeId| live.iter().any(|(l, _)| l == id);
+        let retrying = &mut self.retrying;
         self.declared.retain(|id, since| {
-            now.duration_since(*since) < DECLARED_FOR && live.iter().any(|(l, _)| l == id)
+            let keep = now.duration_since(*since) < DECLARED_FOR && listed(id);
+            if !keep && listed(id) {
+                retrying.insert(*id);
+            }
+            keep
         });
+        self.retrying.retain(|id| listed(id));
         let live_ids: HashMap<NodeId, SocketAddr> = live
             .iter()
             .copied()
@@ -335,8 +352,14 @@ impl PeerTable {
     ) {
         self.dead.remove(&addr);
         self.declared.remove(&node);
-        if dialed && let Some(a) = self.addrs.get_mut(&addr) {
-            a.dialing = false;
+        self.retrying.remove(&node);
+        // Connected, whichever side dialed: nothing more to want from this address (a member
+        // we must dial is wanted again by `poll_action` while it lacks its canonical
+        // connection). A dial of ours still in flight ends on its own.
+        if let Some(a) = self.addrs.get_mut(&addr) {
+            if dialed {
+                a.dialing = false;
+            }
             a.wanted = false;
             a.failures = 0;
             a.next_attempt = now;
@@ -442,16 +465,18 @@ impl PeerTable {
         // gossip told us about that we never reached in a few tries (a node that left before
         // we heard of it). A node new at an address another used (a restart in place) may
         // just be starting: the failure rules out the old one only. A gossip-only connection
-        // proves nothing: a killed peer's stays open over QUIC until the idle timeout.
+        // proves nothing: a killed peer's stays open over QUIC until the idle timeout. A member
+        // tried again after its declaration ran out is declared again at the first failure.
         let at_addr = self.nodes.values().filter(|n| n.addr == addr).count();
         let unreachable: Vec<NodeId> = self
             .nodes
             .iter()
-            .filter(|(_, n)| {
+            .filter(|(id, n)| {
                 n.addr == addr
                     && n.live
                     && n.canonical.is_none()
                     && (n.lost.is_some()
+                        || (self.retrying.contains(*id) && n.others.is_empty() && at_addr == 1)
                         || (!n.reached
                             && at_addr == 1
                             && (n.suspected || failures >= NEVER_REACHED_TRIES)))
@@ -468,10 +493,14 @@ impl PeerTable {
             .iter()
             .any(|(id, n)| n.addr == addr && n.canonical.is_none() && self.i_dial(*id) && n.live);
         let dead = self.dead.contains_key(&addr);
+        // Both sides of a pair may dial at once (gossip wants the address before either
+        // connection exists); the loser's dial is refused as `Replaced`. Retrying it would be
+        // refused again and again: a connection to the address carries gossip already.
+        let connected = self.has_conn_to(addr);
         if let Some(a) = self.addrs.get_mut(&addr) {
             a.dialing = false;
             a.failures = failures;
-            a.wanted = member || (!dead && a.failures <= BARE_ADDR_RETRIES);
+            a.wanted = member || (!dead && !connected && a.failures <= BARE_ADDR_RETRIES);
             a.next_attempt = now + self.backoff.delay(a.failures, jitter);
         }
     }
@@ -560,13 +589,15 @@ impl PeerTable {
         // Members we must dial (we are the lower id) and have no canonical connection to. An
         // address now connected to another node (a restart at the same address, before the
         // old incarnation is declared dead) is not dialed again for the old one.
+        // A member tried again after its declaration ran out is dialed whichever side we are:
+        // only a connection lists it again.
         let to_dial: Vec<SocketAddr> = self
             .nodes
             .iter()
             .filter(|(id, n)| {
                 n.canonical.is_none()
-                    && self.i_dial(**id)
-                    && (n.live || !n.others.is_empty())
+                    && ((self.i_dial(**id) && (n.live || !n.others.is_empty()))
+                        || (self.retrying.contains(*id) && n.live && n.others.is_empty()))
                     && !self.addr_taken_by_other(**id, n.addr)
             })
             .map(|(_, n)| n.addr)
@@ -791,19 +822,48 @@ mod tests {
         assert!(t.listed(&high));
     }
 
+    /// A declaration runs out while gossip still lists the member (gossip keeps a crashed
+    /// member for a minute or more): it is dialed again, whichever side we are, but listed
+    /// only once connected. A failed dial declares it again (counted once); a connection (two
+    /// nodes that declared each other) makes it a member again.
     #[test]
     fn a_declaration_expires_while_gossip_still_lists_the_member() {
-        let (mut t, _, high, now) = connected_member();
-        drain(&mut t, now);
-        t.set_live(now, &[(high, addr(2))]);
-        t.declare(now, high);
-        drain(&mut t, now);
-        assert!(!t.listed(&high));
-        assert_eq!(t.poll_timeout(), Some(now + DECLARED_FOR));
-        // Two nodes that declared each other meet again: it is tried once more.
-        let acts = drain(&mut t, now + DECLARED_FOR);
-        assert!(acts.contains(&Action::Dial(addr(2))), "{acts:?}");
-        assert!(t.listed(&high));
+        for we_dial in [true, false] {
+            let (low, high) = ids();
+            let (me, other) = if we_dial { (low, high) } else { (high, low) };
+            let now = Instant::now();
+            let mut t = table(me);
+            t.set_live(now, &[(other, addr(2))]);
+            drain(&mut t, now);
+            t.connected(now, 5, other, addr(2), we_dial);
+            drain(&mut t, now);
+            t.declare(now, other);
+            drain(&mut t, now);
+            assert!(!t.listed(&other));
+            assert_eq!(t.declared_total(), 1);
+            assert_eq!(t.poll_timeout(), Some(now + DECLARED_FOR));
+            // Tried again, not listed meanwhile.
+            let at = now + DECLARED_FOR;
+            let acts = drain(&mut t, at);
+            assert!(acts.contains(&Action::Dial(addr(2))), "{acts:?}");
+            assert!(!t.listed(&other), "listed before any connection");
+            // Still dead: declared again at once, the same death counted once.
+            t.dial_failed(at, addr(2), 0.5);
+            drain(&mut t, at);
+            assert!(!t.listed(&other));
+            assert_eq!(t.declared_total(), 1);
+            t.set_live(at, &[(other, addr(2))]);
+            assert!(!t.listed(&other));
+            assert_eq!(drain(&mut t, at + DECLARED_FOR / 2), vec![]);
+            // The next try connects: a member again.
+            let at = at + DECLARED_FOR;
+            t.set_live(at, &[(other, addr(2))]);
+            let acts = drain(&mut t, at);
+            assert!(acts.contains(&Action::Dial(addr(2))), "{acts:?}");
+            assert!(!t.listed(&other));
+            t.connected(at, 6, other, addr(2), true);
+            assert!(t.listed(&other), "we_dial: {we_dial}");
+        }
     }
 
     #[test]
@@ -1071,6 +1131,45 @@ mod tests {
         t.connected(now, 9, high, addr(150), true);
         t.want(now, addr(150));
         assert!(!drain(&mut t, now).contains(&Action::Dial(addr(150))));
+    }
+
+    /// Gossip wants the address of a member before either side connected; the member dials
+    /// first (it is the lower id), and our dial is refused as `Replaced`. It is not retried:
+    /// it would be refused every time (this loop once cost 5 dials per pair at idle).
+    #[test]
+    fn a_crossing_dial_refused_is_not_retried() {
+        let (low, high) = ids();
+        let now = Instant::now();
+        let mut t = table(high);
+        t.set_live(now, &[(low, addr(2))]);
+        t.want(now, addr(2));
+        assert_eq!(drain(&mut t, now), vec![Action::Dial(addr(2))]);
+        // The member's dial arrives first: the canonical connection.
+        t.connected(now, 1, low, addr(2), false);
+        assert_eq!(
+            drain(&mut t, now),
+            vec![Action::Route {
+                node: low,
+                conn: Some(1)
+            }]
+        );
+        // Ours is refused.
+        t.dial_failed(now, addr(2), 0.5);
+        for later in [0, 100, 1_000, 10_000] {
+            assert_eq!(drain(&mut t, now + later * MS), vec![], "{later} ms");
+        }
+        assert_eq!(t.route(low), Some(1));
+        // The same when ours fails before theirs arrives.
+        let mut t = table(high);
+        t.set_live(now, &[(low, addr(2))]);
+        t.want(now, addr(2));
+        drain(&mut t, now);
+        t.dial_failed(now, addr(2), 0.5);
+        t.connected(now, 1, low, addr(2), false);
+        drain(&mut t, now);
+        for later in [0, 100, 1_000, 10_000] {
+            assert_eq!(drain(&mut t, now + later * MS), vec![], "{later} ms");
+        }
     }
 
     #[test]

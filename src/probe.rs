@@ -127,6 +127,21 @@ impl Prober {
     ) -> Vec<Out> {
         let mut out = Vec::new();
         self.expire_into(now, members, &mut out);
+        // A member new since the round began joins the rest of this round at a random place
+        // (as SWIM does), rather than waiting for the next round: one round lasts
+        // `interval` × N, seconds at 100 nodes, and a node that crashes soon after it joined
+        // must be probed as soon as any other.
+        if self.next < self.round.len() {
+            let fresh: Vec<NodeId> = members
+                .iter()
+                .filter(|m| !self.round.contains(m))
+                .copied()
+                .collect();
+            if !fresh.is_empty() {
+                self.round.extend(fresh);
+                shuffle(&mut self.round[self.next..]);
+            }
+        }
         // The next member of the round that is still a member and not being pinged already.
         for _ in 0..=members.len() {
             if self.next >= self.round.len() {
@@ -267,6 +282,29 @@ mod tests {
         let mut all = m.clone();
         all.sort();
         assert_eq!(seen, all, "a round pings every member once");
+    }
+
+    #[test]
+    fn a_member_new_since_the_round_began_is_pinged_in_this_round() {
+        let m = ids(4);
+        let mut p = Prober::new(T);
+        let now = Instant::now();
+        let first = pinged(&p.tick(now, &m[..3], |_| {}));
+        p.on_pong(now, first[0], 1);
+        // m[3] joins: the two members left in this round and m[3] are pinged next, before
+        // any member is pinged a second time (without shuffling, a new round would start
+        // with m[0] again).
+        let mut rest = Vec::new();
+        for _ in 0..3 {
+            let out = pinged(&p.tick(now, &m, |_| {}));
+            let Some(node) = out.first().copied() else {
+                panic!("no ping: {out:?}")
+            };
+            assert!(!rest.contains(&node) && node != first[0], "{node} twice");
+            rest.push(node);
+            p.pending.clear();
+        }
+        assert!(rest.contains(&m[3]), "{rest:?}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::{
     sync::mpsc,
     time::{Instant, sleep_until},
 };
-use tracing::{debug, info, trace, warn};
+use tracing::{Instrument, debug, info, trace, warn};
 
 use super::{Routes, Shared, Side, conn, link::Link};
 use crate::incidents::{Incident, SUMMARY_EVERY};
@@ -153,7 +153,12 @@ pub(super) async fn spawn(
             Join::Seeds
         },
     };
-    shared.tasks.spawn(accept_loop(shared.clone(), events_tx));
+    // Every task of this node logs under its id, so the logs of several nodes in one process
+    // (tests, benchmarks) say which node speaks.
+    let span = tracing::debug_span!("mesh", node = %shared.node_id);
+    shared
+        .tasks
+        .spawn(accept_loop(shared.clone(), events_tx).instrument(span.clone()));
     shared
         .tasks
         .spawn(seed_loop(shared.clone(), cfg.seed_interval, seeds_tx));
@@ -165,9 +170,11 @@ pub(super) async fn spawn(
             .tasks
             .spawn(tls_reload_loop(shared.clone(), cfg.tls.clone(), every));
     }
-    shared
-        .tasks
-        .spawn(driver.run(events_rx, live, gossip_out, seeds_rx, probes));
+    shared.tasks.spawn(
+        driver
+            .run(events_rx, live, gossip_out, seeds_rx, probes)
+            .instrument(span),
+    );
 }
 
 impl Driver {
@@ -209,6 +216,7 @@ impl Driver {
                 Some((node, probe)) = probes.recv() => self.on_probe(node, probe),
                 due = probe_tick.tick() => {
                     self.prober.note_lag(Instant::now().saturating_duration_since(due));
+                    self.read_answers(&mut probes);
                     self.probe_round();
                 }
                 _ = local_change.notified() => {
@@ -216,7 +224,14 @@ impl Driver {
                 }
                 _ = sleep_until(wake) => {}
             }
-            self.probe_expire();
+            if self
+                .prober
+                .next_deadline()
+                .is_some_and(|d| d <= std::time::Instant::now())
+            {
+                self.read_answers(&mut probes);
+                self.probe_expire();
+            }
             if self.push_at.is_some_and(|at| at <= Instant::now()) {
                 self.push_at = None;
                 self.push_own_state();
@@ -353,6 +368,15 @@ impl Driver {
         }
     }
 
+    /// Take in the answers received already, before judging anyone silent: the timer that
+    /// ends a ping's wait and its answer may be ready at the same moment (a busy node wakes
+    /// late with both), and the answer must win.
+    fn read_answers(&mut self, probes: &mut mpsc::Receiver<(NodeId, Probe)>) {
+        while let Ok((node, probe)) = probes.try_recv() {
+            self.on_probe(node, probe);
+        }
+    }
+
     /// Act on pings past their deadline, between periods.
     fn probe_expire(&mut self) {
         let now = std::time::Instant::now();
@@ -368,13 +392,14 @@ impl Driver {
     fn probe_out(&mut self, now: std::time::Instant, out: ProbeOut) {
         match out {
             ProbeOut::Ping { node, nonce } => {
+                trace!(peer = %node, nonce, timeout = ?self.prober.current_timeout(), "ping");
                 if let Some(link) = self.shared.links().get(&node).cloned() {
                     self.shared.send_probe(&link, &Probe::Ping(nonce));
                 }
             }
             ProbeOut::Suspect { node } => {
                 let uid = Uid::from_str(node.as_str()).unwrap_or_default();
-                debug!(peer = %uid, "probe unanswered: peer suspected, asking the others to check");
+                debug!(peer = %uid, timeout = ?self.prober.current_timeout(), "probe unanswered: peer suspected, asking the others to check");
                 self.shared
                     .stats
                     .probes_unanswered
@@ -394,7 +419,7 @@ impl Driver {
             }
             ProbeOut::Declare { node } => {
                 let uid = Uid::from_str(node.as_str()).unwrap_or_default();
-                warn!(peer = %uid, "peer declared dead: probes unanswered");
+                warn!(peer = %uid, timeout = ?self.prober.current_timeout(), "peer declared dead: probes unanswered");
                 self.table.declare(now, node);
             }
         }
@@ -478,9 +503,10 @@ impl Driver {
     }
 
     fn dial(&self, addr: SocketAddr) {
+        trace!(%addr, "dialing");
         let shared = self.shared.clone();
         let tx = self.events_tx.clone();
-        self.shared.tasks.spawn(async move {
+        let task = async move {
             let ev = match conn::dial(&shared, addr).await {
                 Ok((conn, peer)) => Event::Connected {
                     conn,
@@ -500,7 +526,8 @@ impl Driver {
             };
             // The driver may be gone (shutdown).
             let _ = tx.send(ev).await;
-        });
+        };
+        self.shared.tasks.spawn(task.in_current_span());
     }
 
     fn on_seeds(&mut self, round: SeedRound) {
@@ -585,10 +612,11 @@ impl Driver {
                     .connected(now, id, node, peer.advertise_addr, dialed.is_some());
                 let shared = self.shared.clone();
                 let tx = self.events_tx.clone();
-                self.shared.tasks.spawn(async move {
+                let serve = async move {
                     let error = conn::serve(shared, conn, peer, gossip_rx).await;
                     let _ = tx.send(Event::Disconnected { conn: id, error }).await;
-                });
+                };
+                self.shared.tasks.spawn(serve.in_current_span());
                 // Gossip right away on the new connection: joining takes one round trip.
                 self.shared.membership.gossip_to(self.conn_addr(id));
             }
@@ -745,7 +773,7 @@ async fn accept_loop(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
             continue;
         };
         let (shared2, events) = (shared.clone(), events.clone());
-        shared.tasks.spawn(async move {
+        let handshake = async move {
             let _permit = permit;
             if let Ok(peer) = conn::accept(&shared2, &conn).await {
                 let _ = events
@@ -756,7 +784,8 @@ async fn accept_loop(shared: Arc<Shared>, events: mpsc::Sender<Event>) {
                     })
                     .await;
             }
-        });
+        };
+        shared.tasks.spawn(handshake.in_current_span());
     }
 }
 
