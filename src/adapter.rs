@@ -83,19 +83,23 @@ impl<E: SocketEmitter> MeshAdapter<E> {
             && !opts.rooms.is_empty())
         .then_some(&opts.rooms[..]);
         let ns = self.ns();
-        let wanted = |link: &&Arc<crate::mesh::Link>| filter.is_none_or(|r| link.wants(ns, r));
-        // Encoded only if some peer wants it (with routing, often none does).
-        if !links.iter().any(|l| wanted(&l)) {
-            shared.count_routed_away(links.len());
-            return Ok(());
-        }
-        let frame = shared.encode_frame(cmd)?;
-        let sent = shared.send_command(
-            crate::mesh::kind_of_ref(cmd),
-            links.iter().filter(wanted),
-            frame,
-            opts.has_flag(BroadcastFlags::Volatile),
-        );
+        let kind = crate::mesh::kind_of_ref(cmd);
+        let volatile = opts.has_flag(BroadcastFlags::Volatile);
+        let sent = match filter {
+            None if links.is_empty() => 0,
+            None => shared.send_command(kind, links, shared.encode_frame(cmd)?, volatile),
+            Some(rooms) => {
+                // Each peer's interest is looked up once; the frame is encoded only if some
+                // peer wants it (with routing, often none does).
+                let wanted: Vec<&Arc<crate::mesh::Link>> =
+                    links.iter().filter(|l| l.wants(ns, rooms)).collect();
+                if wanted.is_empty() {
+                    0
+                } else {
+                    shared.send_command(kind, wanted, shared.encode_frame(cmd)?, volatile)
+                }
+            }
+        };
         shared.count_routed_away(links.len() - sent);
         if let CommandRef::AddSockets { rooms, .. } = cmd
             && shared.settings.routing

@@ -25,7 +25,10 @@
 //!   `io.in(x).join(r)` or `remote_socket.join(r)` followed by `io.to(r).emit(..)` from the
 //!   same node reaches the joined sockets, as without routing.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use socketioxide_core::{Str, adapter::Room};
 
@@ -248,6 +251,44 @@ fn entry(ns: &Str, everything: bool, replace: bool, add: Vec<Room>, del: Vec<Roo
     }
 }
 
+/// The room scan takes at most one part in this many of a core.
+const SCAN_SHARE: u32 = 100;
+/// How many recent scan times the cost estimate takes its minimum over.
+const SCAN_MEMORY: usize = 8;
+
+/// How long a node waits between scans of its rooms. socketioxide does not tell adapters about
+/// `socket.join`, so a node finds its rooms by scanning them, one pass over its memberships;
+/// a node with very many scans less often, so that scanning stays under 1 % of a core: a scan
+/// that cost `d` waits at least `d` × 100. `d` is the shortest of the last few scans: a scan
+/// preempted on a busy machine takes longer by the wall clock without costing more, and must
+/// not hold the next announcement back (a join would stay unknown to the other nodes that much
+/// longer; on a loaded benchmark host this once delayed announcements past 300 ms).
+#[derive(Debug)]
+pub(crate) struct ScanPacer {
+    interval: Duration,
+    recent: [Duration; SCAN_MEMORY],
+    next: usize,
+}
+
+impl ScanPacer {
+    /// Scans `interval` apart at most often.
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            recent: [Duration::MAX; SCAN_MEMORY],
+            next: 0,
+        }
+    }
+
+    /// A scan took `took` (wall clock): the wait before the next one.
+    pub(crate) fn after_scan(&mut self, took: Duration) -> Duration {
+        self.recent[self.next % SCAN_MEMORY] = took;
+        self.next = self.next.wrapping_add(1);
+        let cost = self.recent.iter().min().copied().unwrap_or_default();
+        self.interval.max(cost.saturating_mul(SCAN_SHARE))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,5 +423,21 @@ mod tests {
         assert!(p.wants("/", &r("nothing")), "unknown again");
         p.apply(0, true, a.snapshot());
         assert!(!p.wants("/", &r("r")));
+    }
+
+    #[test]
+    fn a_scan_slowed_once_does_not_delay_the_next_but_a_costly_one_does() {
+        let ms = Duration::from_millis;
+        let us = Duration::from_micros;
+        let mut p = ScanPacer::new(ms(20));
+        assert_eq!(p.after_scan(us(100)), ms(20));
+        // Preempted once (5 ms by the wall clock): the next scan is still on time.
+        assert_eq!(p.after_scan(ms(5)), ms(20));
+        // Every scan costs 1 ms (a node with very many memberships): 100 ms apart, so
+        // scanning stays at 1 % of a core.
+        for _ in 0..SCAN_MEMORY - 1 {
+            p.after_scan(ms(1));
+        }
+        assert_eq!(p.after_scan(ms(1)), ms(100));
     }
 }

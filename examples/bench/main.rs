@@ -104,6 +104,10 @@ struct Args {
     /// Mesh batch delay in microseconds (default: the library's).
     #[arg(long)]
     batch_delay_us: Option<u64>,
+    /// How often a node with routing scans and announces its rooms, in milliseconds (default:
+    /// the library's).
+    #[arg(long)]
+    interest_interval_ms: Option<u64>,
     /// Run each node of a clustered backend in a process of its own (as pods would), instead
     /// of all nodes on one runtime; figures are summed over the processes.
     #[arg(long)]
@@ -192,6 +196,11 @@ pub struct Outcome {
     pub cutoffs: u64,
     pub commands_lost: u64,
     pub socket_drops: u64,
+    /// Deliveries the publishing node's own sockets refused (buffer full).
+    pub local_drops: u64,
+    /// Peer deliveries interest-based routing skipped over the whole point (the window's
+    /// figure is `routed_away`).
+    pub routed_away_total: u64,
     /// Publishes the server's handlers saw (to tell a lost publish from a lost delivery).
     pub server_publishes: u64,
     pub client_publishes: u64,
@@ -284,14 +293,16 @@ fn main() -> anyhow::Result<()> {
                     // Where it went: a publish the server never saw, a command that never
                     // arrived, a socket buffer that overflowed, or a client that missed it.
                     eprintln!(
-                        "  lost {}: publishes sent {} / seen by the server {}; commands sent {} / received {} / lost {}; socket buffer drops {}",
+                        "  lost {}: publishes sent {} / seen by the server {}; commands sent {} / received {} / lost {}; socket buffer drops {} (remote) + {} (local); peer deliveries routed away {}",
                         o.lost(),
                         o.client_publishes,
                         o.server_publishes,
                         o.commands_sent_total,
                         o.commands_received,
                         o.commands_lost,
-                        o.socket_drops
+                        o.socket_drops,
+                        o.local_drops,
+                        o.routed_away_total
                     );
                 }
                 match all
@@ -384,6 +395,9 @@ impl ServerChild {
             .args(["--redis-url", redis_url]);
         if let Some(us) = args.batch_delay_us {
             cmd.args(["--batch-delay-us", &us.to_string()]);
+        }
+        if let Some(ms) = args.interest_interval_ms {
+            cmd.args(["--interest-interval-ms", &ms.to_string()]);
         }
         if let Some(node) = node {
             cmd.args(["--node-index", &node.index.to_string()]);
@@ -760,6 +774,8 @@ async fn run_point(backend: &str, point: Point, args: &Args) -> anyhow::Result<O
         cutoffs: s_end.slow_peer_cutoffs,
         commands_lost: s_end.commands_lost,
         socket_drops: s_end.socket_drops,
+        local_drops: s_end.local_drops,
+        routed_away_total: s_end.routed_away,
         server_publishes: s_end.publishes,
         client_publishes: totals.published.load(Ordering::Relaxed),
         commands_received: s_end.commands_received,

@@ -70,6 +70,10 @@ pub struct ServerStats {
     /// Packets socketioxide dropped because a socket's buffer was full (mesh only: counted on
     /// remote broadcasts).
     pub socket_drops: u64,
+    /// Deliveries a publishing node's own sockets refused (their buffer full): the error
+    /// socketioxide returns to the handler's `emit`, any backend.
+    #[serde(default)]
+    pub local_drops: u64,
     /// Bytes of the commands written to peers (mesh only).
     #[serde(default)]
     pub command_bytes_sent: u64,
@@ -90,6 +94,7 @@ impl std::ops::AddAssign for ServerStats {
         self.peer_recv_calls += o.peer_recv_calls;
         self.peer_batches += o.peer_batches;
         self.socket_drops += o.socket_drops;
+        self.local_drops += o.local_drops;
         self.command_bytes_sent += o.command_bytes_sent;
         self.routed_away += o.routed_away;
     }
@@ -139,6 +144,9 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
                     .with_routing(routing);
                 if let Some(us) = args.batch_delay_us {
                     cfg = cfg.with_batch_delay(Duration::from_micros(us));
+                }
+                if let Some(ms) = args.interest_interval_ms {
+                    cfg = cfg.with_interest_interval(Duration::from_millis(ms));
                 }
                 if let Some(seed) = seed {
                     cfg = cfg.with_seeds(StaticSeeds::new([format!("{seed}")]));
@@ -202,6 +210,7 @@ pub async fn serve(backend: &str, args: &crate::Args) -> anyhow::Result<()> {
 fn collect(meshes: &[Mesh], publishes: &AtomicU64) -> ServerStats {
     let mut s = ServerStats {
         publishes: publishes.load(Ordering::Relaxed),
+        local_drops: LOCAL_DROPS.load(Ordering::Relaxed),
         ..Default::default()
     };
     for m in meshes {
@@ -219,6 +228,19 @@ fn collect(meshes: &[Mesh], publishes: &AtomicU64) -> ServerStats {
         s.routed_away += st.broadcasts_routed_away;
     }
     s
+}
+
+/// Deliveries refused by this process's sockets (see [`ServerStats::local_drops`]).
+static LOCAL_DROPS: AtomicU64 = AtomicU64::new(0);
+
+fn count_local_drops(res: Result<(), socketioxide::BroadcastError>) {
+    if let Err(e) = res {
+        let n = match e {
+            socketioxide::BroadcastError::Socket(errors) => errors.len() as u64,
+            _ => 1,
+        };
+        LOCAL_DROPS.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// One Socket.IO node on an OS-chosen port: clients join the room named in their auth
@@ -287,11 +309,11 @@ where
             let p1 = publishes.clone();
             s.on("pub", async move |s: SocketRef<A>, Data(m): Data<Msg>| {
                 p1.fetch_add(1, Ordering::Relaxed);
-                let _ = s.within(room.clone()).emit("m", &m).await;
+                count_local_drops(s.within(room.clone()).emit("m", &m).await);
             });
             s.on("all", async move |io: SocketIo<A>, Data(m): Data<Msg>| {
                 publishes.fetch_add(1, Ordering::Relaxed);
-                let _ = io.emit("m", &m).await;
+                count_local_drops(io.emit("m", &m).await);
             });
             Ok::<(), std::convert::Infallible>(())
         }

@@ -92,10 +92,6 @@ pub(crate) const INTEREST_KIND: usize = 5;
 /// The kind index of failure-detection messages (in [`COMMAND_KINDS`]).
 pub(crate) const PROBE_KIND: usize = 6;
 
-/// The interest scan takes at most one part in this many of a core: a scan that took `d` waits
-/// at least `d` × this before the next.
-pub(crate) const INTEREST_SCAN_SHARE: u32 = 100;
-
 /// How often a peer gets a full snapshot of this node's rooms even when nothing changed (it
 /// repairs a view that missed its snapshot, say on a connection replaced mid-write).
 /// Rare: a snapshot of 10,000 rooms is ~200 KB, so this costs ~7 KB/s per peer at most.
@@ -546,20 +542,22 @@ impl Shared {
         let mut announcer = crate::interest::Announcer::default();
         // Per peer: the connection its last snapshot went on, and when.
         let mut snapshots: HashMap<NodeId, (u64, Instant)> = HashMap::new();
+        let mut pacer = crate::interest::ScanPacer::new(self.settings.interest_interval);
         let mut wait = self.settings.interest_interval;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.cancel.cancelled() => return,
             }
+            // No peer takes part in routing (alone, or beside nodes of a previous release):
+            // nothing to announce, nothing to scan for. The first scan after one appears
+            // comes before its snapshot.
+            if self.routes.load().interest_links().next().is_none() {
+                continue;
+            }
             let scan = Instant::now();
             let changes = announcer.changes(self.local_rooms(), self.settings.max_interest_rooms);
-            // The scan costs one pass over the node's memberships: a node with very many
-            // scans less often, so that scanning stays under 1 % of a core.
-            wait = self
-                .settings
-                .interest_interval
-                .max(scan.elapsed() * INTEREST_SCAN_SHARE);
+            wait = pacer.after_scan(scan.elapsed());
             let synced =
                 std::mem::take(&mut *self.interest_sync.lock().unwrap_or_else(|e| e.into_inner()));
             let routes = self.routes.load();
