@@ -175,13 +175,12 @@ impl LiveWatch {
             })
             .cloned()
             .collect();
-        let states = states
+        let staying = states
             .iter()
             .filter(|(_, state)| state.get(keys::LEAVING).is_none());
         LiveView {
-            members: parse_members(states, &dead, &self.self_id, self.transport),
-            listed: chitchat
-                .node_states()
+            members: parse_members(staying, &dead, &self.self_id, self.transport),
+            listed: states
                 .keys()
                 .filter_map(|id| Uid::from_str(&id.node_id).ok())
                 .collect(),

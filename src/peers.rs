@@ -58,6 +58,21 @@ struct Node {
     suspected: bool,
 }
 
+impl Node {
+    /// A node at `addr` without connections yet.
+    fn new(addr: SocketAddr, live: bool) -> Self {
+        Self {
+            addr,
+            live,
+            canonical: None,
+            others: Vec::new(),
+            lost: None,
+            reached: false,
+            suspected: false,
+        }
+    }
+}
+
 /// A member whose connection closed: redialed at once; listed for `link_grace`, then dropped
 /// until it is back; declared dead when a redial fails.
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +136,24 @@ const BARE_ADDR_RETRIES: u32 = 6;
 pub(crate) const DECLARED_FOR: Duration = Duration::from_secs(10);
 /// Failed dials to a member gossip lists but we never reached before it counts as dead.
 const NEVER_REACHED_TRIES: u32 = 3;
+
+/// Note `key` at `now` in a map of at most `max` entries (entries older than
+/// [`DEAD_ADDR_MEMORY`] make room first). `None` when it is full; otherwise whether `key` is
+/// new.
+fn remember<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Instant>,
+    key: K,
+    now: Instant,
+    max: usize,
+) -> Option<bool> {
+    if map.len() >= max {
+        map.retain(|_, since| now.duration_since(*since) < DEAD_ADDR_MEMORY);
+        if map.len() >= max {
+            return None;
+        }
+    }
+    Some(map.insert(key, now).is_none())
+}
 
 impl PeerTable {
     pub(crate) fn new(
@@ -199,7 +232,7 @@ impl PeerTable {
         if !reused {
             self.mark_dead(now, addr, true);
         }
-        self.remember_declared(now, node);
+        remember(&mut self.declared, node, now, self.max_addrs);
         // Declared again after its declaration ran out: the same death, counted once.
         if !self.retrying.remove(&node) {
             self.declared_total += 1;
@@ -210,17 +243,6 @@ impl PeerTable {
     /// Members this node declared dead itself (probes, failed redials), since it started.
     pub(crate) fn declared_total(&self) -> u64 {
         self.declared_total
-    }
-
-    fn remember_declared(&mut self, now: Instant, node: NodeId) {
-        if self.declared.len() >= self.max_addrs {
-            self.declared
-                .retain(|_, since| now.duration_since(*since) < DEAD_ADDR_MEMORY);
-            if self.declared.len() >= self.max_addrs {
-                return;
-            }
-        }
-        self.declared.insert(node, now);
     }
 
     /// Whether a connection dialed by `dialer` to `acceptor` is canonical.
@@ -273,15 +295,10 @@ impl PeerTable {
         }
         for (id, addr) in live_ids {
             self.dead.remove(&addr);
-            let node = self.nodes.entry(id).or_insert(Node {
-                addr,
-                live: true,
-                canonical: None,
-                others: Vec::new(),
-                lost: None,
-                reached: false,
-                suspected: false,
-            });
+            let node = self
+                .nodes
+                .entry(id)
+                .or_insert_with(|| Node::new(addr, true));
             node.live = true;
             node.addr = addr;
         }
@@ -299,14 +316,10 @@ impl PeerTable {
     }
 
     fn mark_dead(&mut self, now: Instant, addr: SocketAddr, report: bool) {
-        if self.dead.len() >= self.max_addrs {
-            self.dead
-                .retain(|_, since| now.duration_since(*since) < DEAD_ADDR_MEMORY);
-            if self.dead.len() >= self.max_addrs {
-                return;
-            }
-        }
-        if self.dead.insert(addr, now).is_none() && report {
+        let Some(new) = remember(&mut self.dead, addr, now, self.max_addrs) else {
+            return;
+        };
+        if new && report {
             self.actions.push_back(Action::StopDialing { addr });
         }
         if let Some(a) = self.addrs.get_mut(&addr) {
@@ -370,15 +383,10 @@ impl PeerTable {
             Self::is_canonical(node, self.me)
         };
         self.conns.insert(conn, node);
-        let entry = self.nodes.entry(node).or_insert(Node {
-            addr,
-            live: false,
-            canonical: None,
-            others: Vec::new(),
-            lost: None,
-            reached: false,
-            suspected: false,
-        });
+        let entry = self
+            .nodes
+            .entry(node)
+            .or_insert_with(|| Node::new(addr, false));
         entry.addr = addr;
         if canonical {
             entry.lost = None;

@@ -224,14 +224,7 @@ impl Driver {
                 }
                 _ = sleep_until(wake) => {}
             }
-            if self
-                .prober
-                .next_deadline()
-                .is_some_and(|d| d <= std::time::Instant::now())
-            {
-                self.read_answers(&mut probes);
-                self.probe_expire();
-            }
+            self.probe_expire(&mut probes);
             if self.push_at.is_some_and(|at| at <= Instant::now()) {
                 self.push_at = None;
                 self.push_own_state();
@@ -350,12 +343,15 @@ impl Driver {
             .iter()
             .filter(|m| m.probe)
             .map(|m| *m.node_id)
-            .filter(|n| {
-                links
-                    .get(n)
-                    .is_some_and(|l| l.state.borrow().conn.is_some())
-            })
+            .filter(|n| Self::connected(&links, n))
             .collect()
+    }
+
+    /// Whether `node`'s link has a connection now.
+    fn connected(links: &HashMap<NodeId, Arc<Link>>, node: &NodeId) -> bool {
+        links
+            .get(node)
+            .is_some_and(|l| l.state.borrow().conn.is_some())
     }
 
     /// One probe period (see [`crate::probe`]): act on expired pings, ping the next member.
@@ -377,12 +373,14 @@ impl Driver {
         }
     }
 
-    /// Act on pings past their deadline, between periods.
-    fn probe_expire(&mut self) {
+    /// Act on pings past their deadline, between periods (the answers received already
+    /// first).
+    fn probe_expire(&mut self, probes: &mut mpsc::Receiver<(NodeId, Probe)>) {
         let now = std::time::Instant::now();
         if self.prober.next_deadline().is_none_or(|d| d > now) {
             return;
         }
+        self.read_answers(probes);
         let targets = self.probe_targets();
         for o in self.prober.expire(now, &targets) {
             self.probe_out(now, o);
@@ -394,7 +392,7 @@ impl Driver {
             ProbeOut::Ping { node, nonce } => {
                 trace!(peer = %node, nonce, timeout = ?self.prober.current_timeout(), "ping");
                 if let Some(link) = self.shared.links().get(&node).cloned() {
-                    self.shared.send_probe(&link, &Probe::Ping(nonce));
+                    self.shared.send_probe(&[link], &Probe::Ping(nonce));
                 }
             }
             ProbeOut::Suspect { node } => {
@@ -413,9 +411,7 @@ impl Driver {
                     .collect();
                 drop(links);
                 let word = Probe::Suspect(node.as_str().to_string().into());
-                for link in &others {
-                    self.shared.send_probe(link, &word);
-                }
+                self.shared.send_probe(&others, &word);
             }
             ProbeOut::Declare { node } => {
                 let uid = Uid::from_str(node.as_str()).unwrap_or_default();
@@ -440,13 +436,9 @@ impl Driver {
                     // Suspected ourselves: our answers are late. Nothing to check here.
                     return;
                 }
-                let connected = self
-                    .shared
-                    .links()
-                    .get(&node)
-                    .is_some_and(|l| l.state.borrow().conn.is_some())
+                let probed = Self::connected(&self.shared.links(), &node)
                     && self.members.iter().any(|m| *m.node_id == node && m.probe);
-                if connected {
+                if probed {
                     if let Some(out) = self.prober.on_suspect(now, node) {
                         self.probe_out(now, out);
                     }
@@ -709,8 +701,8 @@ impl Driver {
             }
         }
         self.candidates = candidates;
-        // Apply deaths before publishing, so watchers see links and members agree.
-        self.run_actions();
+        // Published after the table's actions (deaths included) ran, in the driver's loop,
+        // so watchers see links and members agree.
         self.dirty = true;
     }
 

@@ -364,11 +364,11 @@ impl Shared {
         offered
     }
 
-    /// Queue a failure-detection message to `link` (see [`crate::probe`]).
-    pub(crate) fn send_probe(&self, link: &Arc<Link>, probe: &wire::Probe) {
+    /// Queue a failure-detection message to `links` (see [`crate::probe`]), encoded once.
+    pub(crate) fn send_probe(&self, links: &[Arc<Link>], probe: &wire::Probe) {
         match self.encode_frame(&CommandRef::Probe(probe)) {
             Ok(frame) => {
-                self.send_command(PROBE_KIND, std::slice::from_ref(link), frame, false);
+                self.send_command(PROBE_KIND, links, frame, false);
             }
             Err(e) => warn!(error = %e, "probe could not be encoded"),
         }
@@ -475,7 +475,7 @@ impl Shared {
                     wire::Probe::Ping(nonce) => {
                         let link = self.links().get(&*peer).cloned();
                         if let Some(link) = link {
-                            self.send_probe(&link, &wire::Probe::Pong(nonce));
+                            self.send_probe(&[link], &wire::Probe::Pong(nonce));
                         }
                     }
                     other => {
